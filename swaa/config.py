@@ -1,0 +1,168 @@
+"""SWAAConfig: the single description of a SWAA patch, validated once when built.
+
+Everything else (layer rules, the attention call, the checkpoint) reads this object. It also accepts the
+field names and settings files of the paper authors' code, so their configurations move over unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+from dataclasses import asdict, dataclass, fields
+
+BACKENDS = ("auto", "reference", "flash", "flex")
+
+# The authors' field names (their swaa_config.py) and ours; their defaults differ from ours.
+AUTHORS_FIELDS = {
+    "sliding_window_size": "window",
+    "keep_first": "sink",
+    "force_fa_decode": "fa_decode",
+    "non_sliding_layers": "full_attention_layers",
+}
+_AUTHORS_DEFAULTS = {"keep_first": 0, "force_fa_decode": False, "non_sliding_layers": []}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _layer_list(name: str, value) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name}={value!r}: must be a list of layer indices (ints >= 0)")
+    layers = tuple(value)
+    for layer in layers:
+        if not _is_int(layer) or layer < 0:
+            raise ValueError(f"{name}={list(layers)!r}: {layer!r} is not a layer index (an int >= 0)")
+    repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if repeated:
+        raise ValueError(f"{name}={list(layers)!r}: layer(s) {repeated} listed more than once")
+    return tuple(int(layer) for layer in layers)
+
+
+@dataclass(frozen=True)
+class SWAAConfig:
+    """Sliding window attention adaptation of a full-attention model (arXiv 2512.10411).
+
+    Args:
+        window: keys each SWA query sees, itself included (flash-attn ``window_size=(window-1, 0)``).
+        sink: the first ``sink`` real tokens of each sequence stay visible to every query.
+        interleave: keep full attention in layers ``interleave_offset + k * interleave``.
+        interleave_offset: first full-attention layer when ``interleave`` is set (1: odd layers for n=2).
+        full_attention_layers: explicit list of full-attention layers; excludes ``interleave``.
+        fa_decode: generated tokens attend to every earlier token in SWA layers: True (all SWA
+            layers), False, or a list of the SWA layers that do so.
+        backend: "auto" (fastest exact path on the device), "reference", "flash" or "flex".
+        drop_layers_beyond_depth: ignore (with a warning) layer indices past the model's depth instead
+            of failing; set for configs in the authors' format, whose lists run past small models.
+    """
+
+    window: int
+    sink: int = 0
+    interleave: int | None = None
+    interleave_offset: int = 1
+    full_attention_layers: tuple[int, ...] | None = None
+    fa_decode: bool | tuple[int, ...] = True
+    backend: str = "auto"
+    drop_layers_beyond_depth: bool = False
+
+    def __post_init__(self):
+        if not _is_int(self.window) or self.window < 1:
+            raise ValueError(f"window={self.window!r}: must be a positive int (keys seen by a query, itself included)")
+        if not _is_int(self.sink) or self.sink < 0:
+            raise ValueError(f"sink={self.sink!r}: must be an int >= 0")
+        if self.interleave is not None and (not _is_int(self.interleave) or self.interleave < 1):
+            raise ValueError(f"interleave={self.interleave!r}: must be None or a positive int")
+        if not _is_int(self.interleave_offset) or self.interleave_offset < 0:
+            raise ValueError(f"interleave_offset={self.interleave_offset!r}: must be an int >= 0")
+        if self.interleave is None and self.interleave_offset != 1:
+            raise ValueError(f"interleave_offset={self.interleave_offset!r} has no effect without interleave")
+        if self.full_attention_layers is not None:
+            if self.interleave is not None:
+                raise ValueError(
+                    f"interleave={self.interleave!r} and full_attention_layers={list(self.full_attention_layers)!r}:"
+                    " give one or the other"
+                )
+            object.__setattr__(
+                self, "full_attention_layers", _layer_list("full_attention_layers", self.full_attention_layers)
+            )
+        if not isinstance(self.fa_decode, bool):
+            object.__setattr__(self, "fa_decode", _layer_list("fa_decode", self.fa_decode))
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r}: must be one of {', '.join(map(repr, BACKENDS))}")
+        if not isinstance(self.drop_layers_beyond_depth, bool):
+            raise TypeError(f"drop_layers_beyond_depth={self.drop_layers_beyond_depth!r}: must be a bool")
+        if self.full_attention_layers is not None and isinstance(self.fa_decode, tuple):
+            both = sorted(set(self.full_attention_layers) & set(self.fa_decode))
+            if both:
+                raise ValueError(
+                    f"fa_decode={list(self.fa_decode)!r}: layer(s) {both} are full-attention layers;"
+                    " fa_decode lists SWA layers only"
+                )
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (lists, not tuples), as stored in ``model.config.swaa``."""
+        data = asdict(self)
+        for name in ("full_attention_layers", "fa_decode"):
+            if isinstance(data[name], tuple):
+                data[name] = list(data[name])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SWAAConfig:
+        """Build from our field names or from the authors' (``sliding_window_size``, ``keep_first``,
+        ``force_fa_decode``, ``non_sliding_layers``), not a mix. Authors' configs take their defaults
+        (no FA decode) and ignore layer indices beyond the model's depth, as their code does."""
+        if not isinstance(data, dict):
+            raise TypeError(f"config must be a SWAAConfig or a dict, got {type(data).__name__}")
+        ours = {f.name for f in fields(cls)}
+        theirs = set(AUTHORS_FIELDS)
+        keys = set(data)
+        unknown = sorted(keys - ours - theirs)
+        if unknown:
+            raise ValueError(
+                f"unknown SWAA config field(s) {unknown}; allowed: {sorted(ours)}, or the authors' {sorted(theirs)}"
+            )
+        if keys & theirs:
+            mixed = sorted(keys & ours)
+            if mixed:
+                raise ValueError(f"config mixes the authors' field names with ours ({mixed}); use one naming")
+            authors = {**_AUTHORS_DEFAULTS, **data}
+            if authors.get("sliding_window_size") is None:
+                raise ValueError(
+                    "sliding_window_size=None is the authors' full-attention baseline: there is nothing to patch,"
+                    " leave the model unpatched"
+                )
+            return cls(
+                **{AUTHORS_FIELDS[key]: value for key, value in authors.items()}, drop_layers_beyond_depth=True
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> SWAAConfig:
+        """Read one config: ours, the authors' fields, or one authors' entry ``{"swaa_config": {...}}``."""
+        with open(path) as file:
+            data = json.load(file)
+        if isinstance(data, list):
+            raise ValueError(f"{path} holds a list of {len(data)} configs: read it with swaa.config.load_config_list")
+        if isinstance(data, dict) and "swaa_config" in data:
+            data = data["swaa_config"]
+        return cls.from_dict(data)
+
+
+def load_config_list(path: str | os.PathLike) -> list[SWAAConfig | None]:
+    """Read a list of configs, such as the authors' settings files; ``None`` stands for full attention
+    (their ``sliding_window_size: null`` entries)."""
+    with open(path) as file:
+        entries = json.load(file)
+    if not isinstance(entries, list):
+        entries = [entries]
+    configs = []
+    for entry in entries:
+        if isinstance(entry, dict) and "swaa_config" in entry:
+            entry = entry["swaa_config"]
+        if entry is None or (isinstance(entry, dict) and entry.get("sliding_window_size", 0) is None):
+            configs.append(None)
+        else:
+            configs.append(SWAAConfig.from_dict(entry))
+    return configs

@@ -1,0 +1,243 @@
+"""patch_model / unpatch_model: put the SWAA rule into a transformers model, in place, reversibly.
+
+What a patch does to one model instance, and unpatch undoes:
+- its configs' ``_attn_implementation`` becomes "swaa" (registered with transformers' AttentionInterface);
+- a forward pre-hook on the decoder builds the call's layout and passes it to every layer as a kwarg;
+- ``generate`` is wrapped so that the tokens handed to it count as prompt, the rest as generated;
+- ``model.config.swaa`` holds the config, so ``save_pretrained`` keeps it.
+Weights are never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.masking_utils import AttentionMaskInterface
+
+from .attention import ATTENTION_NAME, CONTEXT_KWARG, SWAAContext, no_mask, swaa_attention
+from .cache import new_cache
+from .config import SWAAConfig
+from .layout import Layout
+from .rules import LayerRule, describe_rules, layer_rules
+
+logger = logging.getLogger("swaa")
+
+PROMPT_LEN_KWARG = "prompt_len"
+_STATE = "_swaa_patch"
+_MISSING = object()
+
+
+@dataclasses.dataclass
+class _PatchState:
+    """Everything a patch added to one model, so that unpatch can take it away again."""
+
+    config: SWAAConfig
+    rules: tuple[LayerRule, ...]
+    hooks: list
+    attn_implementations: list  # (config object, its implementation before the patch)
+    saved_swaa: object  # model.config.swaa before the patch, or _MISSING
+    prompt_end: int | None = None  # inside generate: cache index where generated tokens start
+
+
+def _transformers_model(model) -> PreTrainedModel:
+    if isinstance(model, PreTrainedModel):
+        return model
+    if hasattr(model, "get_base_model"):  # a peft model wraps the transformers model
+        base = model.get_base_model()
+        if isinstance(base, PreTrainedModel):
+            return base
+    raise TypeError(f"swaa patches transformers models (PreTrainedModel); got {type(model).__name__}")
+
+
+def _check_supported(model: PreTrainedModel) -> int:
+    """Raise if swaa cannot patch ``model`` exactly; return its number of layers."""
+    name = type(model).__name__
+    config = model.config
+    if config.is_encoder_decoder:
+        raise ValueError(f"{name} is an encoder-decoder model; swaa patches decoder-only language models")
+    if config.get_text_config() is not config:
+        raise ValueError(f"{name} is a multimodal model; swaa patches text decoder models only")
+    if not (model._supports_attention_backend and model._can_set_attn_implementation()):
+        raise ValueError(
+            f"{name} ({config.model_type}) does not compute attention through transformers' AttentionInterface,"
+            " so swaa cannot replace it"
+        )
+    num_layers = getattr(config, "num_hidden_layers", None)
+    attention_layers = {
+        module.layer_idx
+        for module in model.modules()
+        if type(module).__name__.endswith("Attention") and hasattr(module, "layer_idx")
+    }
+    if not num_layers or attention_layers != set(range(num_layers)):
+        raise ValueError(
+            f"{name}: could not match its attention modules {sorted(attention_layers)} to its"
+            f" num_hidden_layers={num_layers}; swaa cannot tell which layer is which"
+        )
+    bidirectional = [type(m).__name__ for m in model.modules() if getattr(m, "is_causal", True) is False]
+    if bidirectional:
+        raise ValueError(f"{name} has bidirectional attention ({bidirectional[0]}); swaa patches causal decoders")
+    return num_layers
+
+
+def _resolve_config(model: PreTrainedModel, config, fields: dict) -> SWAAConfig:
+    if config is None and not fields:
+        saved = getattr(model.config, "swaa", None)
+        if saved is None:
+            raise ValueError(
+                "patch_model(model) with no config re-applies the config saved in model.config.swaa, and this"
+                " model has none: pass fields (window=2048, sink=100, interleave=2) or a SWAAConfig"
+            )
+        logger.info("swaa: re-applying the config saved in model.config.swaa")
+        config = saved
+    if config is None:
+        return SWAAConfig(**fields)
+    if isinstance(config, dict):
+        config = SWAAConfig.from_dict(config)
+    if not isinstance(config, SWAAConfig):
+        raise TypeError(f"config must be a SWAAConfig or a dict, got {type(config).__name__}")
+    return dataclasses.replace(config, **fields) if fields else config
+
+
+def patch_model(model, config: SWAAConfig | dict | None = None, **fields):
+    """Make ``model`` attend by the SWAA rules, in place; returns ``model``.
+
+    ``patch_model(model, window=2048, sink=100, interleave=2)`` builds a SWAAConfig from the fields;
+    ``patch_model(model, config, backend="flex")`` overrides fields of a config; ``patch_model(model)``
+    re-applies the config saved with a checkpoint. Patching a patched model replaces its config.
+    """
+    target = _transformers_model(model)
+    config = _resolve_config(target, config, fields)
+    num_layers = _check_supported(target)
+    rules = layer_rules(config, num_layers)
+    if hasattr(target, _STATE):
+        unpatch_model(target)
+
+    AttentionInterface.register(ATTENTION_NAME, swaa_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, no_mask)
+    configs = {id(m.config): m.config for m in target.modules() if isinstance(m, PreTrainedModel)}
+    state = _PatchState(
+        config=config,
+        rules=rules,
+        hooks=[],
+        attn_implementations=[(c, c._attn_implementation_internal) for c in configs.values()],
+        saved_swaa=getattr(target.config, "swaa", _MISSING),
+    )
+    for model_config in configs.values():
+        model_config._attn_implementation_internal = ATTENTION_NAME
+    decoder = target.base_model
+    state.hooks.append(
+        decoder.register_forward_pre_hook(functools.partial(_before_forward, state), with_kwargs=True)
+    )
+    state.hooks.append(decoder.register_forward_hook(functools.partial(_after_forward, state), with_kwargs=True))
+    target.generate = _generate_with_boundary(state, target, target.generate)
+    target.config.swaa = config.to_dict()
+    setattr(target, _STATE, state)
+    logger.info("swaa: patched %s (%d layers)\n%s", type(target).__name__, num_layers, describe_rules(rules))
+    return model
+
+
+def unpatch_model(model):
+    """Give ``model`` back its original attention, config and generate; returns ``model``."""
+    target = _transformers_model(model)
+    state: _PatchState | None = getattr(target, _STATE, None)
+    if state is None:
+        raise ValueError(f"{type(target).__name__} is not patched by swaa; nothing to unpatch")
+    for hook in state.hooks:
+        hook.remove()
+    for model_config, implementation in state.attn_implementations:
+        model_config._attn_implementation_internal = implementation
+    del target.generate
+    if state.saved_swaa is _MISSING:
+        del target.config.swaa
+    else:
+        target.config.swaa = state.saved_swaa
+    delattr(target, _STATE)
+    return model
+
+
+def describe(model) -> str:
+    """Which layers of a patched model use which attention, one line per kind."""
+    state = getattr(_transformers_model(model), _STATE, None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not patched by swaa")
+    return describe_rules(state.rules)
+
+
+def _prompt_end(args: tuple, kwargs: dict) -> int:
+    """Length, in cache positions, of the prompt handed to generate (cached prefix included)."""
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        return mask.shape[-1]
+    for tokens in (args[0] if args else None, kwargs.get("inputs"), kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if tokens is not None:
+            return tokens.shape[1]
+    return 1  # generate starts from a single BOS token
+
+
+def _generate_with_boundary(state: _PatchState, model: PreTrainedModel, generate):
+    """Wrap generate: mark where generated tokens start, and give it a cache that keeps every token."""
+
+    @functools.wraps(generate)
+    def generate_swaa(*args, **kwargs):
+        config = kwargs.get("generation_config") or model.generation_config
+        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", config.use_cache):
+            kwargs["past_key_values"] = new_cache(state.rules)
+        outer, state.prompt_end = state.prompt_end, _prompt_end(args, kwargs)
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            state.prompt_end = outer
+
+    return generate_swaa
+
+
+def _before_forward(state: _PatchState, decoder: torch.nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook on the decoder: build this call's layout and hand it to every layer."""
+    if args:
+        bound = inspect.signature(decoder.forward).bind_partial(*args, **kwargs).arguments
+        kwargs = {**{k: v for k, v in bound.items() if k != "kwargs"}, **bound.get("kwargs", {})}
+    tokens = kwargs.get("input_ids")
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    batch_size, q_len = tokens.shape[:2]
+    past = kwargs.get("past_key_values")
+    use_cache = kwargs.get("use_cache")
+    if past is None and not decoder.training and (decoder.config.use_cache if use_cache is None else use_cache):
+        past = kwargs["past_key_values"] = new_cache(state.rules)
+    if past is not None and not isinstance(past, Cache):
+        raise TypeError(f"past_key_values must be a transformers Cache, got {type(past).__name__}")
+    attention_mask = kwargs.get("attention_mask")
+    if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+        raise ValueError(
+            "swaa builds its own masks from a 2D padding mask (batch, tokens); got a prepared"
+            f" {type(attention_mask).__name__} attention_mask"
+        )
+    layout = Layout.build(
+        batch_size=batch_size,
+        q_len=q_len,
+        past_len=past.get_seq_length() if past is not None else 0,
+        device=tokens.device,
+        attention_mask=attention_mask,
+        position_ids=kwargs.get("position_ids"),
+        prompt_end=state.prompt_end,
+        prompt_len=kwargs.pop(PROMPT_LEN_KWARG, None),
+    )
+    need_weights = bool(kwargs.get("output_attentions") or decoder.config.output_attentions)
+    kwargs[CONTEXT_KWARG] = SWAAContext(state.rules, state.config.backend, layout, need_weights)
+    return (), kwargs
+
+
+def _after_forward(state: _PatchState, decoder: torch.nn.Module, args: tuple, kwargs: dict, output):
+    """Forward hook: every layer must have gone through swaa's attention, or the pattern was not applied."""
+    missing = set(range(len(state.rules))) - kwargs[CONTEXT_KWARG].layers_called
+    if missing:
+        raise RuntimeError(
+            f"layers {sorted(missing)} of {type(decoder).__name__} did not call swaa's attention: this model"
+            " computes attention outside transformers' AttentionInterface, so the SWAA rule was not applied"
+        )
