@@ -44,13 +44,15 @@ class Layout:
         position_ids: torch.Tensor | None = None,
         prompt_end: int | None = None,
         prompt_len: torch.Tensor | int | None = None,
+        labels: torch.Tensor | None = None,
     ) -> Layout:
         """Positions from the 2D padding mask over cache + input, or from restarting ``position_ids``
         (packed sequences, no cache), else 0, 1, 2, ... along the cache.
 
         Prompt or generated, in this order: ``prompt_end`` (inside ``generate``: cache index where
-        generated tokens start), ``prompt_len`` (teacher forcing: real prompt tokens per row), else
-        the bare-forward rule: one query onto a non-empty cache is generated.
+        generated tokens start), ``prompt_len`` (teacher forcing: real prompt tokens per row),
+        ``labels`` (teacher forcing: each sequence's answer starts at its first label that is not
+        -100), else the bare-forward rule: one query onto a non-empty cache is generated.
         """
         kv_len = past_len + q_len
         query_seq = key_seq = None
@@ -78,6 +80,8 @@ class Layout:
         elif prompt_len is not None:
             prompt_len = torch.as_tensor(prompt_len, device=device).reshape(-1, 1)
             generated = query_pos >= prompt_len
+        elif labels is not None:
+            generated = _after_first_answer_label(labels.to(device), query_pos)
         else:
             generated = torch.full((batch_size, q_len), q_len == 1 and past_len > 0, device=device)
         return cls(query_pos, key_pos, generated & (query_pos >= 0), query_seq, key_seq)
@@ -109,6 +113,16 @@ class Layout:
                 same_sequence,
             )
         return self.memo[key]
+
+
+def _after_first_answer_label(labels: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+    """(batch, q_len) bool: the token is at or after the first non -100 label of its sequence."""
+    answer = (labels != -100).long()
+    answers_so_far = answer.cumsum(-1)
+    index = torch.arange(labels.shape[1], device=labels.device)
+    sequence_start = index - query_pos.clamp(min=0)  # positions count from each sequence's first token
+    before_sequence = (answers_so_far - answer).gather(-1, sequence_start)
+    return answers_so_far - before_sequence > 0
 
 
 def _restarts(position_ids: torch.Tensor) -> bool:

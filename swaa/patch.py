@@ -20,6 +20,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.masking_utils import AttentionMaskInterface
 
+from . import backends
 from .attention import ATTENTION_NAME, CONTEXT_KWARG, SWAAContext, no_mask, swaa_attention
 from .cache import new_cache
 from .config import SWAAConfig
@@ -29,6 +30,7 @@ from .rules import LayerRule, describe_rules, layer_rules
 logger = logging.getLogger("swaa")
 
 PROMPT_LEN_KWARG = "prompt_len"
+LABELS_KWARG = "swaa_labels"  # labels handed from the LM head's forward down to the decoder's hook
 _STATE = "_swaa_patch"
 _MISSING = object()
 
@@ -115,6 +117,7 @@ def patch_model(model, config: SWAAConfig | dict | None = None, **fields):
     config = _resolve_config(target, config, fields)
     num_layers = _check_supported(target)
     rules = layer_rules(config, num_layers)
+    backends.check_available(config.backend, target.device)
     if hasattr(target, _STATE):
         unpatch_model(target)
 
@@ -131,6 +134,8 @@ def patch_model(model, config: SWAAConfig | dict | None = None, **fields):
     for model_config in configs.values():
         model_config._attn_implementation_internal = ATTENTION_NAME
     decoder = target.base_model
+    if decoder is not target:
+        state.hooks.append(target.register_forward_pre_hook(_pass_labels_down, with_kwargs=True))
     state.hooks.append(
         decoder.register_forward_pre_hook(functools.partial(_before_forward, state), with_kwargs=True)
     )
@@ -197,6 +202,13 @@ def _generate_with_boundary(state: _PatchState, model: PreTrainedModel, generate
     return generate_swaa
 
 
+def _pass_labels_down(model: torch.nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook on the LM head model: its labels tell the decoder where answers start."""
+    if kwargs.get("labels") is not None:
+        kwargs[LABELS_KWARG] = kwargs["labels"]
+    return args, kwargs
+
+
 def _before_forward(state: _PatchState, decoder: torch.nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook on the decoder: build this call's layout and hand it to every layer."""
     if args:
@@ -218,6 +230,14 @@ def _before_forward(state: _PatchState, decoder: torch.nn.Module, args: tuple, k
             "swaa builds its own masks from a 2D padding mask (batch, tokens); got a prepared"
             f" {type(attention_mask).__name__} attention_mask"
         )
+    prompt_len, labels = kwargs.pop(PROMPT_LEN_KWARG, None), kwargs.pop(LABELS_KWARG, None)
+    if decoder.training and state.prompt_end is None and prompt_len is None and labels is None:
+        decoding = [layer for layer, rule in enumerate(state.rules) if rule.fa_decode]
+        if decoding:
+            raise ValueError(
+                f"training with fa_decode (layers {decoding}) needs to know where each answer starts: pass labels"
+                " with the prompt masked as -100, or prompt_len=<real prompt tokens per row>"
+            )
     layout = Layout.build(
         batch_size=batch_size,
         q_len=q_len,
@@ -226,7 +246,8 @@ def _before_forward(state: _PatchState, decoder: torch.nn.Module, args: tuple, k
         attention_mask=attention_mask,
         position_ids=kwargs.get("position_ids"),
         prompt_end=state.prompt_end,
-        prompt_len=kwargs.pop(PROMPT_LEN_KWARG, None),
+        prompt_len=prompt_len,
+        labels=labels,
     )
     need_weights = bool(kwargs.get("output_attentions") or decoder.config.output_attentions)
     kwargs[CONTEXT_KWARG] = SWAAContext(state.rules, state.config.backend, layout, need_weights)

@@ -24,6 +24,14 @@ def _announce(name: str, device: torch.device, why: str) -> None:
         logger.info("swaa: attention backend %r on %s (%s)", name, device.type, why)
 
 
+def check_available(name: str, device: torch.device) -> None:
+    """Raise if backend ``name`` cannot run on ``device``: never fall back to another pattern silently."""
+    if name in ("flash", "flex") and device.type != "cuda":
+        raise RuntimeError(
+            f"backend={name!r} cannot run on {device.type}: it needs a CUDA GPU; use backend='reference' or 'auto'"
+        )
+
+
 def select(name: str, device: torch.device, need_weights: bool) -> Callable:
     """The attend function for backend ``name`` on ``device``; "auto" picks the fastest exact path."""
     if need_weights and name not in ("auto", "reference"):
@@ -34,4 +42,5 @@ def select(name: str, device: torch.device, need_weights: bool) -> Callable:
     if name == "reference":
         _announce(name, device, "requested")
         return reference.attend
-    raise RuntimeError(f"backend={name!r} cannot run on {device.type}: it needs a CUDA GPU; use backend='reference' or 'auto'")
+    check_available(name, device)
+    raise NotImplementedError(f"backend={name!r} is not implemented yet")

@@ -39,7 +39,7 @@ def attend(
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
         scores = (query @ key.transpose(-1, -2)) * scaling
         scores = scores.masked_fill(~mask, float("-inf"))
-        weights = scores.softmax(-1, dtype=torch.float32).to(query.dtype) * sees_a_key
+        weights = scores.softmax(-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype) * sees_a_key
         output = F.dropout(weights, p=dropout) @ value
     else:
         output = F.scaled_dot_product_attention(

@@ -1,0 +1,103 @@
+"""Kernel-level cases shared by the CPU and GPU backend tests: random q/k/v and layouts, compared with the
+float64 reference of tests/reference.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from reference import attention, positions, sees
+
+from swaa.layout import Layout
+from swaa.rules import LayerRule
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attention call: rows' real lengths (left padded to the longest), how many of the last tokens
+    are queries (the rest is cache), where generated tokens start (cache index), and the layer rule."""
+
+    lengths: tuple[int, ...]
+    q_len: int | None  # None: every token is a query (prefill)
+    rule: LayerRule
+    prompt_end: int | None = None
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 16
+    packed: tuple[int, ...] | None = None  # one row holding sequences of these lengths, no cache
+
+    def __str__(self):
+        rule = "full" if self.rule.is_full else f"w{self.rule.window}s{self.rule.sink}{'d' if self.rule.fa_decode else ''}"
+        packed = f"-packed{list(self.packed)}" if self.packed else ""
+        return f"{rule}-len{list(self.lengths)}-q{self.q_len}-gen{self.prompt_end}-gqa{self.heads // self.kv_heads}{packed}"
+
+
+def make_inputs(case: Case, device="cpu", dtype=torch.float64, seed=0):
+    """(query, key, value, layout, expected mask (batch, q, kv) bool) for ``case``."""
+    generator = torch.Generator().manual_seed(seed)
+    if case.packed:
+        total = sum(case.packed)
+        mask2d = torch.ones(1, total, dtype=torch.long)
+        position_rows = [[p for length in case.packed for p in range(length)]]
+        seq_rows = [[i for i, length in enumerate(case.packed) for _ in range(length)]]
+        q_len, past = total, 0
+    else:
+        total = max(case.lengths)
+        mask2d = torch.zeros(len(case.lengths), total, dtype=torch.long)
+        for row, length in enumerate(case.lengths):
+            mask2d[row, total - length :] = 1
+        position_rows = [positions(row.tolist()) for row in mask2d]
+        seq_rows = None
+        q_len = case.q_len or total
+        past = total - q_len
+    batch = mask2d.shape[0]
+    query = torch.randn(batch, case.heads, q_len, case.head_dim, generator=generator, dtype=torch.float64)
+    key = torch.randn(batch, case.kv_heads, total, case.head_dim, generator=generator, dtype=torch.float64)
+    value = torch.randn(batch, case.kv_heads, total, case.head_dim, generator=generator, dtype=torch.float64)
+    layout = Layout.build(
+        batch_size=batch, q_len=q_len, past_len=past, device=torch.device(device),
+        attention_mask=None if case.packed else mask2d.to(device),
+        position_ids=torch.tensor(position_rows, device=device) if case.packed else None,
+        prompt_end=case.prompt_end,
+    )
+    expected = torch.zeros(batch, q_len, total, dtype=torch.bool)
+    rule = case.rule
+    for b in range(batch):
+        pos = position_rows[b]
+        for qi in range(q_len):
+            i = past + qi
+            generated = case.prompt_end is not None and i >= case.prompt_end
+            for j in range(total):
+                if pos[i] is None or pos[j] is None or j > i:
+                    continue
+                if seq_rows is not None and seq_rows[b][i] != seq_rows[b][j]:
+                    continue
+                expected[b, qi, j] = sees(pos[i], pos[j], generated=generated, full=rule.is_full,
+                                          window=rule.window, sink=rule.sink, fa_decode=rule.fa_decode)
+    move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return move(query), move(key), move(value), layout, expected
+
+
+def reference_output(query, key, value, expected, scaling):
+    """(batch, q, heads, d) float64 output of the plain reference."""
+    output, _ = attention(query.cpu(), key.cpu(), value.cpu(), expected, scaling)
+    return output.transpose(1, 2)
+
+
+W = LayerRule
+CASES = [
+    Case((9, 6, 3), None, W(3)),
+    Case((9, 6, 3), None, W(3, sink=2)),
+    Case((9, 6, 3), None, W(None)),
+    Case((9, 6, 3), None, W(1)),
+    Case((11, 11), None, W(20, sink=30)),  # window and sink longer than the sequence
+    Case((13, 8), 5, W(4, sink=1)),  # a later prefill chunk onto a cache
+    Case((13, 8), 5, W(4, sink=1, fa_decode=True), prompt_end=10),  # chunk crossing into generated tokens
+    Case((13, 8), 1, W(4, sink=2, fa_decode=True), prompt_end=12),  # decode, FA decode on
+    Case((13, 8), 1, W(4, sink=2, fa_decode=False), prompt_end=12),  # decode, FA decode off
+    Case((13, 8), 3, W(3, sink=1, fa_decode=True), prompt_end=11),  # several generated tokens at once
+    Case((7,), None, W(3, sink=1), heads=4, kv_heads=4),
+    Case((7,), None, W(3, sink=1), heads=8, kv_heads=1),
+    Case((1,), None, W(3, sink=1), packed=(5, 1, 7, 3)),
+    Case((1,), None, W(2, sink=2), packed=(6, 6)),
+]
