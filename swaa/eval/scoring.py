@@ -35,11 +35,11 @@ def substring_match(prediction: str, gold: list[str], example=None) -> float:
 
 
 _CHOICE_PATTERNS = [
-    re.compile(r"answer\s*(?:is|:)?\s*[:\-]?\s*\(?\**([A-J])\b\)?", re.IGNORECASE),  # "the answer is (B)"
+    re.compile(r"(?i:answer)\s*(?:is|:)?\s*[:\-]?\s*\(?\**([A-J])\b"),  # "the answer is (B)", "Answer: B"
     re.compile(r"\(([A-J])\)"),  # "(B)"
-    re.compile(r"^\s*\**([A-J])(?:[\s.):\]]|$)"),  # "B. ...", "B)" at the start
-    re.compile(r"\b([A-J])\b"),  # any standalone capital letter, last resort
+    re.compile(r"^\s*\**([A-J])(?:[.):\]]|\**\s*$)"),  # "B. Paris", "B)", "**B**" at the start
 ]
+_LONE_LETTER = re.compile(r"\b([A-J])\b")  # last resort: the last standalone capital letter
 
 
 def choice_letter(text: str) -> str | None:
@@ -49,7 +49,8 @@ def choice_letter(text: str) -> str | None:
         found = pattern.search(text)
         if found:
             return found.group(1).upper()
-    return None
+    letters = _LONE_LETTER.findall(text)
+    return letters[-1] if letters else None
 
 
 def choice_match(prediction: str, gold: list[str], example=None) -> float:

@@ -1,0 +1,158 @@
+"""swaa.eval.run_grid end to end on a tiny model: files, baseline, unpatched afterwards, config lists."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from eval_tiny import tiny_lm, tiny_tokenizer
+
+import swaa
+from swaa import SWAAConfig
+from swaa.eval import FULL_ATTENTION, config_name, parse_configs, run_grid, synthetic_dataset
+
+CONFIGS = [{"window": 24, "sink": 4}, {"window": 24, "interleave": 2, "fa_decode": False}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def dataset(tokenizer):
+    return synthetic_dataset(tokenizer, ["needle", "variable_tracking"], 400, num=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory, tokenizer, dataset):
+    """One grid run shared by the tests below; the model's logits and outputs before it, for comparison."""
+    model = tiny_lm(tokenizer)
+    probe = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    before_logits = model(probe).logits
+    before_tokens = model.generate(probe, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    output_dir = tmp_path_factory.mktemp("grid")
+    result = run_grid(model, tokenizer, dataset, CONFIGS, output_dir, max_new_tokens=4, batch_size=2,
+                      progress=False, print_table=False)
+    return dict(model=model, probe=probe, before_logits=before_logits, before_tokens=before_tokens,
+                result=result, output_dir=output_dir, tokenizer=tokenizer)
+
+
+def test_baseline_first_then_each_config(grid):
+    names = [row["config"] for row in grid["result"].summary]
+    assert names == [FULL_ATTENTION, "SWA 24 + FA decode + sink 4", "SWA 24 + full 1::2"]
+    assert grid["result"].summary[0]["swaa_config"] is None
+    assert grid["result"].summary[1]["swaa_config"] == SWAAConfig(window=24, sink=4).to_dict()
+    for row in grid["result"].summary:
+        assert row["n"] == 4 and 0 <= row["accuracy"] <= 1 and row["seconds_per_example"] > 0
+
+
+def test_files_written(grid):
+    output_dir, result = grid["output_dir"], grid["result"]
+    for name in ("results.csv", "results.json", "results.md", "predictions.jsonl", "accuracy_vs_time.png"):
+        assert (output_dir / name).stat().st_size > 0, name
+    with open(output_dir / "results.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["config"] for row in rows] == [row["config"] for row in result.summary]
+    assert {"type: needle", "type: variable_tracking", "len 0-1k"} <= set(rows[0])
+    saved = json.loads((output_dir / "results.json").read_text())
+    assert saved["summary"] == result.summary and len(saved["records"]) == 3 * 4
+    assert (output_dir / "accuracy_vs_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = (output_dir / "predictions.jsonl").read_text().splitlines()
+    assert {"config", "id", "gold", "prediction", "output", "score", "seconds", "tokens"} <= set(json.loads(lines[0]))
+
+
+def test_markdown_table_has_a_row_per_config_and_group_columns(grid):
+    table = grid["result"].markdown().splitlines()
+    assert table[0].startswith("| config | accuracy (%) | n | s / example")
+    assert "type: needle" in table[0] and "type: variable_tracking" in table[0]
+    assert len(table) == 2 + 3 and table[2].startswith(f"| {FULL_ATTENTION} |")
+
+
+def test_model_unpatched_afterwards_with_identical_outputs(grid):
+    model, probe = grid["model"], grid["probe"]
+    with pytest.raises(ValueError, match="not patched"):
+        swaa.describe(model)
+    assert not hasattr(model.config, "swaa")
+    assert torch.equal(model(probe).logits, grid["before_logits"])
+    after = model.generate(probe, max_new_tokens=5, do_sample=False, pad_token_id=grid["tokenizer"].pad_token_id)
+    assert torch.equal(after, grid["before_tokens"])
+
+
+def test_same_outputs_for_full_attention_as_a_plain_generate(grid, tokenizer, dataset):
+    """The baseline row is the unpatched model: its outputs are those of a plain greedy generate."""
+    from swaa.eval.data import encode_prompt, format_prompt, load_examples
+
+    record = next(r for r in grid["result"].records if r["config"] == FULL_ATTENTION and r["id"] == dataset[0]["id"])
+    ids = encode_prompt(tokenizer, format_prompt(tokenizer, load_examples(dataset)[0].text))
+    out = grid["model"].generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] - len(ids) == 4
+    assert record["output"] == tokenizer.decode(out[0, len(ids):][: record["new_tokens"]])
+
+
+def test_judge_hook_and_length_bins(tokenizer):
+    model = tiny_lm(tokenizer)
+    calls = []
+
+    def judge(question, gold, prediction):
+        calls.append(question)
+        return 1.0
+
+    data = [{"prompt": "x" * 30, "answer": "y", "question": "Q?", "question_type": "short"},
+            {"prompt": "x" * 1100, "answer": "y", "question_type": "long"}]
+    result = run_grid(model, tokenizer, data, [], judge=judge, max_new_tokens=2, progress=False, print_table=False)
+    assert [row["config"] for row in result.summary] == [FULL_ATTENTION]  # the baseline even with no config
+    assert result.summary[0]["accuracy"] == 1.0 and calls[0] == "Q?"
+    assert set(result.by_length[FULL_ATTENTION]) == {"0-1k", "1k-2k"}
+    assert result.settings["scorer"] == "judge:judge"
+
+
+def test_length_filter_and_bad_inputs(tokenizer):
+    model = tiny_lm(tokenizer)
+    data = [{"prompt": "x" * 30, "answer": "y"}, {"prompt": "x" * 300, "answer": "y"}]
+    result = run_grid(model, tokenizer, data, [], max_tokens=100, max_new_tokens=2, progress=False, print_table=False)
+    assert result.summary[0]["n"] == 1
+    with pytest.raises(ValueError, match="min_tokens=1000, max_tokens=None: no example left; the 2 prompts have"):
+        run_grid(model, tokenizer, data, [], min_tokens=1000, progress=False)
+    with pytest.raises(ValueError, match="scorer='bleu': unknown"):
+        run_grid(model, tokenizer, data, [], scorer="bleu", progress=False)
+    with pytest.raises(ValueError, match="dataset is empty"):
+        run_grid(model, tokenizer, [], [], progress=False)
+    with pytest.raises(ValueError, match="example 0: missing field 'answer'"):
+        run_grid(model, tokenizer, [{"prompt": "x"}], [], progress=False)
+    with pytest.raises(ValueError, match="config 0: window=0: must be a positive int"):
+        run_grid(model, tokenizer, data, [{"window": 0}], progress=False)
+    swaa.patch_model(model, window=8)
+    with pytest.raises(ValueError, match="model is already patched by swaa"):
+        run_grid(model, tokenizer, data, [], progress=False)
+
+
+def test_parse_configs_from_every_source(tmp_path):
+    expected = [None, SWAAConfig(window=32, sink=4)]
+    assert parse_configs([None, {"window": 32, "sink": 4}]) == expected
+    assert parse_configs('[null, {"window": 32, "sink": 4}]') == expected
+    assert parse_configs('{"window": 32, "sink": 4}') == expected[1:]
+    yaml_file = tmp_path / "configs.yaml"
+    yaml_file.write_text("- null\n- window: 32\n  sink: 4\n")
+    assert parse_configs(yaml_file) == expected
+    authors = tmp_path / "settings.json"
+    authors.write_text(json.dumps([
+        {"swaa_config": {"sliding_window_size": None}},
+        {"swaa_config": {"sliding_window_size": 32, "keep_first": 4, "force_fa_decode": True,
+                         "non_sliding_layers": [1, 3, 5, 7]}},
+    ]))
+    parsed = parse_configs(authors)
+    assert parsed[0] is None and parsed[1].window == 32 and parsed[1].sink == 4 and parsed[1].fa_decode is True
+    assert config_name(parsed[1]) == "SWA 32 + FA decode + sink 4 + full [1, 3, 5, 7]"
+
+
+@pytest.mark.parametrize(
+    "configs, message",
+    [("[{oops", "inline JSON does not parse"), ("missing.yaml", "neither inline JSON nor an existing"),
+     ([{"size": 3}], r"config 0: unknown SWAA config field\(s\) \['size'\]"), ([7], "config 0: 7: must be a dict")],
+)
+def test_bad_configs_say_what_is_allowed(configs, message):
+    with pytest.raises(ValueError, match=message):
+        parse_configs(configs)
