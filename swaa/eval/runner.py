@@ -130,7 +130,7 @@ def _new_token_count(row: list[int], stop_ids: set[int]) -> int:
 def _generate_all(model, tokenizer, prepared, batch_size, generate_kwargs, name, progress, warmup):
     """Greedy outputs (decoded text, new tokens, seconds) for each prepared example, in order. With
     ``warmup``, one untimed call first takes one-time costs (kernel compilation, allocator) off the clock."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     device = model.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -232,7 +232,7 @@ def run_grid(model, tokenizer, dataset, configs, output_dir: str | os.PathLike |
     prepared = _prepare(examples, tokenizer, chat_template, system, template_kwargs, min_tokens, max_tokens)
     generate_kwargs = {"max_new_tokens": max_new_tokens, **(generate_kwargs or {})}
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     records, summary, by_type, by_length = [], [], {}, {}
     was_training = model.training

@@ -151,7 +151,7 @@ def synthetic_dataset(tokenizer, tasks: str | list[str] = "needle", length: int 
                       seed: int = 0, chat_template: bool | str = "auto", template_kwargs: dict | None = None,
                       progress: bool = False, **task_options) -> list[dict]:
     """``num`` examples of each task at each length (a list of dicts for ``run_grid``), seeded."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     lengths = [length] if isinstance(length, int) else list(length)

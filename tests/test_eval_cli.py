@@ -1,0 +1,71 @@
+"""``python -m swaa.eval`` in a subprocess, on a tiny model and tokenizer saved with save_pretrained."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from eval_tiny import tiny_lm, tiny_tokenizer
+
+from swaa.eval.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_model")
+    tokenizer = tiny_tokenizer()
+    tiny_lm(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "swaa.eval", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_synthetic_grid_writes_results_and_prints_the_table_last(model_dir, tmp_path):
+    configs = tmp_path / "configs.yaml"
+    configs.write_text("- window: 24\n  sink: 4\n- window: 24\n  fa_decode: false\n")
+    out = tmp_path / "out"
+    done = run_cli("--model", model_dir, "--synthetic", "needle,multikey", "--length", "400", "--num", "1",
+                   "--configs", configs, "--output", out, "--max-new-tokens", "3", "--quiet", "--dtype", "float32",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    table = done.stdout.strip().splitlines()
+    assert table[0].startswith("| config |") and len(table) == 2 + 3
+    assert table[2].startswith("| full attention |") and table[-1].startswith("| SWA 24 |")
+    for name in ("results.csv", "results.json", "results.md", "predictions.jsonl", "accuracy_vs_time.png"):
+        assert (out / name).exists(), name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["examples"] == 2 and saved["settings"]["dtype"] == "float32"
+
+
+def test_cli_dataset_file_and_inline_json(model_dir, tmp_path, capsys):
+    """The same entry point in-process (a subprocess per case would mostly time imports)."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "Say yes.", "answer": "yes", "question_type": "q"}\n')
+    code = main(["--model", str(model_dir), "--data", str(data), "--configs", '{"window": 4}', "--output",
+                 str(tmp_path / "o"), "--scorer", "exact", "--max-new-tokens", "2", "--quiet", "--no-plot"])
+    assert code == 0
+    assert "| SWA 4 + FA decode |" in capsys.readouterr().out
+    assert not (tmp_path / "o" / "accuracy_vs_time.png").exists()
+
+
+def test_cli_bad_input_is_a_clear_error(model_dir, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "Say yes."}\n')
+    assert main(["--model", str(model_dir), "--data", str(data), "--output", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "example 0: missing field 'answer'" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "nowhere"), "--synthetic", "needle", "--output", str(tmp_path)]) == 2
+    assert "not a local folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(model_dir), "--synthetic", "needle", "--output", str(tmp_path), "--scorer", "bleu"])
+    assert "invalid choice: 'bleu'" in capsys.readouterr().err
