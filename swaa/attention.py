@@ -58,13 +58,14 @@ def swaa_attention(
             f"layer {layer} got {key.shape[-2]} keys where swaa expected {layout.key_pos.shape[1]}: swaa needs a"
             " DynamicCache holding every token so far (static and offloaded caches are not supported)"
         )
-    attend = backends.select(context.backend, query.device, context.need_weights)
+    rule = context.rules[layer]
+    attend = backends.select(context.backend, query, rule, layout, context.need_weights)
     context.layers_called.add(layer)
     return attend(
         query,
         key,
         value,
-        rule=context.rules[layer],
+        rule=rule,
         layout=layout,
         scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
         dropout=dropout,

@@ -96,6 +96,10 @@ CASES = [
     Case((13, 8), 1, W(4, sink=2, fa_decode=True), prompt_end=12),  # decode, FA decode on
     Case((13, 8), 1, W(4, sink=2, fa_decode=False), prompt_end=12),  # decode, FA decode off
     Case((13, 8), 3, W(3, sink=1, fa_decode=True), prompt_end=11),  # several generated tokens at once
+    Case((13,), 1, W(4, sink=2, fa_decode=True), prompt_end=12),  # decode without padding
+    Case((13,), 1, W(4, sink=2), prompt_end=12),
+    Case((13,), 1, W(4, sink=9), prompt_end=12),  # sinks and window cover the whole cache
+    Case((11,), None, W(None)),  # full-attention prefill without padding
     Case((7,), None, W(3, sink=1), heads=4, kv_heads=4),
     Case((7,), None, W(3, sink=1), heads=8, kv_heads=1),
     Case((1,), None, W(3, sink=1), packed=(5, 1, 7, 3)),

@@ -2,7 +2,7 @@
 
 A backend is a function ``attend(query, key, value, *, rule, layout, scaling, dropout, need_weights)``
 returning ``(output, weights)``; see ``reference.attend`` for the shapes. Backends know nothing about
-models.
+models. ``select`` picks one per call; "auto" takes the fastest exact path measured on the device.
 """
 
 from __future__ import annotations
@@ -12,35 +12,45 @@ from collections.abc import Callable
 
 import torch
 
-from . import reference
+from ..layout import Layout
+from ..rules import LayerRule
+from . import flash, flex, reference, sdpa
 
 logger = logging.getLogger("swaa")
 _announced: set = set()
 
 
 def _announce(name: str, device: torch.device, why: str) -> None:
-    if (name, device.type) not in _announced:
-        _announced.add((name, device.type))
+    if (name, device.type, why) not in _announced:
+        _announced.add((name, device.type, why))
         logger.info("swaa: attention backend %r on %s (%s)", name, device.type, why)
 
 
 def check_available(name: str, device: torch.device) -> None:
     """Raise if backend ``name`` cannot run on ``device``: never fall back to another pattern silently."""
-    if name in ("flash", "flex") and device.type != "cuda":
+    if name == "flex" and device.type != "cuda":
         raise RuntimeError(
-            f"backend={name!r} cannot run on {device.type}: it needs a CUDA GPU; use backend='reference' or 'auto'"
+            f"backend='flex' cannot run on {device.type}: it needs a CUDA GPU; use backend='reference' or 'auto'"
         )
+    if name == "flash" and (reason := flash.available(device)):
+        raise RuntimeError(f"backend='flash' cannot run on {device.type}: {reason}; use backend='flex' or 'auto'")
 
 
-def select(name: str, device: torch.device, need_weights: bool) -> Callable:
-    """The attend function for backend ``name`` on ``device``; "auto" picks the fastest exact path."""
+def select(name: str, query: torch.Tensor, rule: LayerRule, layout: Layout, need_weights: bool) -> Callable:
+    """The attend function for backend ``name`` and this call."""
+    device = query.device
     if need_weights and name not in ("auto", "reference"):
-        raise ValueError(f"output_attentions=True needs backend='reference' (or 'auto'); backend={name!r} returns no weights")
-    if name == "auto":
-        _announce("reference", device, "auto: the exact dense path")
-        return reference.attend
-    if name == "reference":
-        _announce(name, device, "requested")
+        raise ValueError(f"output_attentions=True needs backend='reference' (or 'auto'); {name!r} returns no weights")
+    if name == "reference" or (name == "auto" and (device.type != "cuda" or need_weights)):
+        _announce("reference", device, "requested" if name == "reference" else "auto: exact dense path")
         return reference.attend
     check_available(name, device)
-    raise NotImplementedError(f"backend={name!r} is not implemented yet")
+    if name == "flash":
+        return flash.attend
+    if name == "flex":
+        return flex.attend
+    if sdpa.handles(query, rule, layout):
+        _announce("sdpa", device, "auto: decode, or full-attention prefill without padding")
+        return sdpa.attend
+    _announce("flex", device, "auto: window + sinks fused in one kernel")
+    return flex.attend

@@ -1,0 +1,154 @@
+"""FlexAttention backend: window, sinks, causality, padding and packed sequences in one fused kernel.
+
+The block mask is built from the layout's positions, at block granularity: for each block of 128 queries
+it lists the key blocks that hold its window and its sinks, found by binary search over the keys. Nothing
+of size L x L is ever made: FlexAttention's own format holds (L/128)^2 block indices (4 MB at 128k). Blocks whose every pair is visible are
+marked full and skip the mask; the others apply ``rules.visible`` element by element.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from ..layout import Layout
+from ..rules import LayerRule, visible
+
+BLOCK = 128
+_SEQUENCE_STRIDE = 1 << 40  # (sequence, position) -> one sortable int64
+
+
+@functools.cache
+def _compiled_flex():
+    """flex_attention compiled once per process; shapes become dynamic after the first recompile."""
+    return torch.compile(flex_attention)
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    rule: LayerRule,
+    layout: Layout,
+    scaling: float,
+    dropout: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, None]:
+    """query: (batch, heads, q_len, head_dim); key, value: (batch, kv_heads, kv_len, head_dim).
+    Returns (batch, q_len, heads, head_dim); queries that see no key (padding) give 0."""
+    if dropout:
+        raise ValueError(f"backend='flex' has no attention dropout (dropout={dropout}); use backend='reference'")
+    key_ = ("flex", rule)
+    if key_ not in layout.memo:
+        layout.memo[key_] = block_mask(rule, layout)
+    run = _compiled_flex() if query.is_cuda else flex_attention
+    output = run(query, key, value, block_mask=layout.memo[key_], scale=scaling, enable_gqa=True)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _blocks(tensor: torch.Tensor, fill) -> torch.Tensor:
+    """(batch, n) -> (batch, ceil(n / BLOCK), BLOCK), padded with ``fill``."""
+    pad = -tensor.shape[1] % BLOCK
+    return torch.nn.functional.pad(tensor, (0, pad), value=fill).view(tensor.shape[0], -1, BLOCK)
+
+
+def block_mask(rule: LayerRule, layout: Layout) -> BlockMask:
+    """The BlockMask of ``rule`` over ``layout``; exact through its mask_mod, sparse through its blocks."""
+    query_pos, key_pos, generated = layout.query_pos, layout.key_pos, layout.query_generated
+    batch, q_len = query_pos.shape
+    kv_len = key_pos.shape[1]
+    query_seq = layout.query_seq if layout.query_seq is not None else torch.zeros_like(query_pos)
+    key_seq = layout.key_seq if layout.key_seq is not None else torch.zeros_like(key_pos)
+
+    # Per query block: the span of (sequence, position) it covers, and whether a generated token is in it.
+    q_valid = _blocks(query_pos >= 0, False)
+    q_pos = _blocks(query_pos, -1)
+    q_seq = _blocks(query_seq, 0)
+    big = _SEQUENCE_STRIDE
+    any_valid = q_valid.any(-1)
+    q_lo_seq = torch.where(q_valid, q_seq, big).amin(-1).where(any_valid, 0)
+    q_hi_seq = torch.where(q_valid, q_seq, -1).amax(-1).where(any_valid, 0)
+    q_lo_pos = torch.where(q_valid & (q_seq == q_lo_seq[..., None]), q_pos, big).amin(-1).where(any_valid, 0)
+    q_hi_pos = torch.where(q_valid & (q_seq == q_hi_seq[..., None]), q_pos, -1).amax(-1).where(any_valid, 0)
+    needs_all = q_lo_seq != q_hi_seq  # a block spanning two packed sequences: list all its keys
+    if rule.is_full:
+        needs_all = torch.ones_like(needs_all)
+    elif rule.fa_decode:
+        needs_all |= (_blocks(generated, False) & q_valid).any(-1)
+
+    # Keys sorted by (sequence, position); padding takes its left neighbour's value to keep the order.
+    key_order = torch.where(key_pos >= 0, key_seq * big + key_pos, -1).cummax(-1).values
+    window = rule.window or 0
+    near_lo = torch.where(needs_all, 0, (q_lo_pos - window + 1).clamp(min=0))
+    near = torch.stack([q_lo_seq * big + near_lo, q_hi_seq * big + q_hi_pos + 1], -1)  # [lo, hi)
+    sinks = torch.stack([q_lo_seq * big, q_lo_seq * big + (0 if rule.is_full else rule.sink)], -1)
+    bounds = torch.searchsorted(key_order, torch.cat([near, sinks], -1).view(batch, -1)).view(batch, -1, 4)
+    first = bounds // BLOCK
+    last = (bounds - 1).div(BLOCK, rounding_mode="floor")
+    near_first, near_last = first[..., 0], last[..., 1]
+    sink_first, sink_last = first[..., 2], last[..., 3]
+    has_near = any_valid & (bounds[..., 1] > bounds[..., 0])
+    has_sink = any_valid & (bounds[..., 3] > bounds[..., 2]) & ~needs_all
+    # Sink blocks come first; when they touch the window's blocks the two runs merge into one.
+    merged = has_sink & has_near & (sink_last >= near_first - 1)
+    run1_first = torch.where(has_sink, sink_first, near_first)
+    run1_last = torch.where(merged, torch.maximum(sink_last, near_last), torch.where(has_sink, sink_last, near_last))
+    run1_count = torch.where(has_sink | has_near, run1_last - run1_first + 1, 0)
+    run2_count = torch.where(has_sink & has_near & ~merged, near_last - near_first + 1, 0)
+    nk_blocks = -(-kv_len // BLOCK)
+    slot = torch.arange(nk_blocks, device=query_pos.device)  # FlexAttention's format: one slot per key block
+    listed = slot < (run1_count + run2_count)[..., None]
+    indices = torch.where(
+        slot < run1_count[..., None], run1_first[..., None] + slot, near_first[..., None] + slot - run1_count[..., None]
+    )
+    indices = torch.where(listed, indices, 0).clamp(max=nk_blocks - 1)
+
+    # A listed block is full when every (query, key) pair in it is visible.
+    k_pos = _blocks(key_pos, -1)
+    k_seq = _blocks(key_seq, -1)
+    k_all_valid = (k_pos >= 0).all(-1)
+    k_lo_pos, k_hi_pos = k_pos.amin(-1), k_pos.amax(-1)
+    gather = lambda stat: stat.gather(1, indices.flatten(1)).view_as(indices)  # noqa: E731
+    same_sequence = (q_lo_seq == q_hi_seq)[..., None] & (gather(k_seq.amin(-1)) == q_lo_seq[..., None])
+    same_sequence &= gather(k_seq.amax(-1)) == q_lo_seq[..., None]
+    full = listed & q_valid.all(-1)[..., None] & gather(k_all_valid) & same_sequence
+    full &= gather(k_hi_pos) <= q_lo_pos[..., None]
+    if not rule.is_full:
+        all_generated = (_blocks(generated, True) | ~q_valid).all(-1) if rule.fa_decode else torch.zeros_like(any_valid)
+        in_reach = (q_hi_pos[..., None] - gather(k_lo_pos) < rule.window) | (gather(k_hi_pos) < rule.sink)
+        full &= in_reach | all_generated[..., None]
+    partial = listed & ~full
+
+    def ordered(keep):
+        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
+        return keep.sum(-1).int()[:, None], indices.gather(-1, order).int()[:, None]
+
+    kv_num, kv_indices = ordered(partial)
+    full_num, full_indices = ordered(full)
+    mask_mod = _mask_mod(rule, layout, q_len, kv_len)
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_indices, full_num, full_indices, BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(q_len, kv_len)
+    )
+
+
+def _mask_mod(rule: LayerRule, layout: Layout, q_len: int, kv_len: int):
+    """``rules.visible`` as a FlexAttention mask_mod; positions padded so every index in a block is valid."""
+    query_pos = _blocks(layout.query_pos, -1).flatten(1)
+    key_pos = _blocks(layout.key_pos, -1).flatten(1)
+    generated = _blocks(layout.query_generated, False).flatten(1)
+    if layout.query_seq is None:
+
+        def mask_mod(b, h, q, k):
+            return visible(rule, query_pos[b, q], key_pos[b, k], generated[b, q])
+
+    else:
+        query_seq = _blocks(layout.query_seq, -1).flatten(1)
+        key_seq = _blocks(layout.key_seq, -2).flatten(1)
+
+        def mask_mod(b, h, q, k):
+            return visible(rule, query_pos[b, q], key_pos[b, k], generated[b, q], query_seq[b, q] == key_seq[b, k])
+
+    return mask_mod
