@@ -157,3 +157,9 @@ def test_length_filter_bounds_are_inclusive():
 )
 def test_extract_answer_takes_text_after_last_think_end(output, expected):
     assert extract_answer(output, ["<eos>", "<pad>"]) == expected
+
+
+def test_context_the_model_would_not_see_is_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="swaa"):
+        load_examples([{"prompt": "Q?", "context": "Some document.", "answer": "A", "id": "x1"}])
+    assert "first: id x1" in caplog.text and "will not see it" in caplog.text

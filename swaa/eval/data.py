@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+logger = logging.getLogger("swaa")
 
 REQUIRED_FIELDS = ("prompt", "answer")
 OPTIONAL_FIELDS = ("question", "question_type", "context", "id")
@@ -159,7 +162,13 @@ def load_examples(dataset) -> list[Example]:
         )
     if not records:
         raise ValueError("dataset is empty: it needs at least one example with 'prompt' and 'answer'")
-    return [to_example(record, index) for index, record in enumerate(records)]
+    examples = [to_example(record, index) for index, record in enumerate(records)]
+    unseen = [e.id for e in examples if e.context and "{context}" not in e.prompt and e.context not in e.prompt]
+    if unseen:
+        logger.warning(
+            "swaa.eval: %d example(s) (first: id %s) have a context that the prompt neither contains nor places"
+            " with {context}: the model will not see it", len(unseen), unseen[0])
+    return examples
 
 
 def has_chat_template(tokenizer) -> bool:
