@@ -1,0 +1,284 @@
+"""SWA-aware fine-tuning: the collators, the generate / teacher-forcing invariant, gradients against the
+float64 reference (with and without gradient checkpointing), self-distillation, and the example script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from reference import _MASKS, layer_masks, positions, reference_model
+from tiny import VOCAB, left_padded, tiny_model
+from transformers import DataCollatorWithFlattening
+
+import swaa
+from swaa.train import IGNORE_INDEX, PromptAnswerCollator, load_examples, self_distill
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = dict(window=3, sink=1, interleave=3)  # FA decode on: the answer boundary matters
+NEW = 5
+BACKENDS = ["reference", "flash", "flex"]
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny models' vocabulary: <pad>=0, <eos>=1, <unk>=2, w3 ... w60."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def device_for(backend):
+    if backend != "reference" and not torch.cuda.is_available():
+        pytest.skip(f"backend={backend!r} needs a CUDA GPU")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def assert_logits_equal(actual, expected):
+    tolerance = 1e-5 if actual.device.type == "cpu" else 2e-3  # float64 on the CPU; float32 kernels on a GPU
+    torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=tolerance, atol=tolerance)
+
+
+def generate_answers(model, prompts, new=NEW):
+    """Greedy answers of a patched model to token-id prompts, with each step's logits: (answers, logits)."""
+    total = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), total, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, total - len(prompt) :] = torch.tensor(prompt)
+        mask[row, total - len(prompt) :] = 1
+    device = model.device
+    out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+    answers = out.sequences[:, total:].tolist()
+    logits = torch.stack(out.logits, 1)  # (batch, new, vocab)
+    return answers, logits
+
+
+def token_examples(prompts, answers):
+    return [{"input_ids": p + a, "labels": [IGNORE_INDEX] * len(p) + a} for p, a in zip(prompts, answers)]
+
+
+PROMPTS = [list(range(3, 14)), list(range(20, 27)), list(range(40, 49))]  # 11, 7 and 9 prompt tokens
+
+
+# ------------------------------------------------------------------------------------------ collator
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_collator_masks_prompt_and_padding(padding_side):
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = padding_side
+    collate = PromptAnswerCollator(tokenizer, chat_template=False)
+    batch = collate([{"prompt": "w3 w4 w5 w6", "answer": "w7 w8"}, {"prompt": "w9", "answer": "w10"}])
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    rows = {
+        "right": ([[3, 4, 5, 6, 7, 8, eos], [9, 10, eos, pad, pad, pad, pad]],
+                  [[-100, -100, -100, -100, 7, 8, eos], [-100, 10, eos, -100, -100, -100, -100]]),
+        "left": ([[3, 4, 5, 6, 7, 8, eos], [pad, pad, pad, pad, 9, 10, eos]],
+                 [[-100, -100, -100, -100, 7, 8, eos], [-100, -100, -100, -100, -100, 10, eos]]),
+    }[padding_side]
+    assert batch["input_ids"].tolist() == rows[0]
+    assert batch["labels"].tolist() == rows[1]
+    real = batch["attention_mask"].bool()
+    assert batch["position_ids"][real].tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]
+
+
+def test_collator_cuts_the_middle_of_long_prompts_and_keeps_the_answer():
+    collate = PromptAnswerCollator(tiny_tokenizer(), max_length=6, chat_template=False)
+    encoded = collate.encode({"prompt": "w3 w4 w5 w6 w7 w8 w9", "answer": "w20 w21"})
+    assert encoded["input_ids"] == [3, 4, 9, 20, 21, 1]  # 3 prompt tokens left: its first 2 and its last
+    assert encoded["labels"] == [-100, -100, -100, 20, 21, 1]
+    too_long = collate.encode({"prompt": "w3 w4", "answer": "w20 w21 w22 w23 w24 w25 w26"})
+    assert too_long["input_ids"] == [3, 20, 21, 22, 23, 24]  # one prompt token stays; the answer's end goes
+
+
+def test_collator_packs_like_data_collator_with_flattening():
+    tokenizer = tiny_tokenizer()
+    examples = [{"prompt": "w3 w4 w5", "answer": "w6"}, {"prompt": "w7 w8", "answer": "w9 w10"}]
+    packed = PromptAnswerCollator(tokenizer, packing=True, chat_template=False)(examples)
+    assert set(packed) == {"input_ids", "labels", "position_ids"}  # no attention mask: sequences by positions
+    assert packed["input_ids"].tolist() == [[3, 4, 5, 6, 1, 7, 8, 9, 10, 1]]
+    assert packed["labels"].tolist() == [[-100, -100, -100, 6, 1, -100, -100, 9, 10, 1]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]]
+
+
+def test_chat_template_is_applied_to_the_prompt_only():
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}w50 {{ m['content'] }} w51 {% endfor %}w52"
+    encoded = PromptAnswerCollator(tokenizer).encode({"prompt": "w3 w4", "answer": "w5"})
+    assert encoded["input_ids"] == [50, 3, 4, 51, 52, 5, 1]
+    assert encoded["labels"] == [-100] * 5 + [5, 1]
+
+
+def test_load_examples_reads_jsonl(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "a", "answer": "b"}\n\n{"prompt": "c", "answer": "d"}\n')
+    assert load_examples(path) == [{"prompt": "a", "answer": "b"}, {"prompt": "c", "answer": "d"}]
+    assert load_examples(str(path))[1]["answer"] == "d"
+
+
+# ------------------------------------------------------------------ generate equals teacher forcing
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_generate_logits_equal_teacher_forced_collated_batch(backend, padding_side):
+    """Each answer token's logits from generate equal one teacher-forced forward over prompt + answer,
+    the prompt length given by the collator's -100 labels; batch of 3 with padding."""
+    device = device_for(backend)
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    model = swaa.patch_model(tiny_model("qwen3", dtype=dtype).to(device), **FIELDS, backend=backend)
+    answers, generated_logits = generate_answers(model, PROMPTS)
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = padding_side
+    batch = PromptAnswerCollator(tokenizer)(token_examples(PROMPTS, answers))
+    forced = model(**{k: v.to(device) for k, v in batch.items()}).logits
+    for row, prompt in enumerate(PROMPTS):
+        start = 0 if padding_side == "right" else batch["input_ids"].shape[1] - len(prompt) - NEW
+        rows = forced[row, start + len(prompt) - 1 : start + len(prompt) - 1 + NEW]
+        assert_logits_equal(rows, generated_logits[row])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_sequences_equal_the_same_sequences_unpacked(backend):
+    """Both our packing collator and transformers' DataCollatorWithFlattening: each packed sequence
+    gets the logits it gets alone, and the answer boundary is found per sequence (against generate)."""
+    device = device_for(backend)
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    model = swaa.patch_model(tiny_model("qwen3", dtype=dtype).to(device), **FIELDS, backend=backend)
+    answers, generated_logits = generate_answers(model, PROMPTS)
+    examples = token_examples(PROMPTS, answers)
+    padded = PromptAnswerCollator(tiny_tokenizer())(examples)
+    unpacked = model(**{k: v.to(device) for k, v in padded.items()}).logits
+    for packer in (PromptAnswerCollator(tiny_tokenizer(), packing=True), DataCollatorWithFlattening()):
+        packed_batch = packer(examples)
+        packed = model(**{k: v.to(device) for k, v in packed_batch.items()}).logits[0]
+        start = 0
+        for row, example in enumerate(examples):
+            length = len(example["input_ids"])
+            assert_logits_equal(packed[start : start + length], unpacked[row, :length])
+            prompt = len(PROMPTS[row])
+            assert_logits_equal(packed[start + prompt - 1 : start + prompt - 1 + NEW], generated_logits[row])
+            start += length
+
+
+def test_the_boundary_matters_here():
+    """The invariant test can fail: with every token taken as prompt, the answer logits change."""
+    model = swaa.patch_model(tiny_model("qwen3"), **FIELDS)
+    answers, generated_logits = generate_answers(model, PROMPTS)
+    batch = PromptAnswerCollator(tiny_tokenizer())(token_examples(PROMPTS, answers))
+    batch["labels"][:] = IGNORE_INDEX
+    batch["labels"][:, -1] = 1  # answers "start" at the last column: every real token before is prompt
+    forced = model(**batch).logits
+    prompt = len(PROMPTS[0])
+    assert not torch.allclose(forced[0, prompt - 1 + 2 : prompt - 1 + NEW], generated_logits[0, 2:].to(forced.dtype))
+
+
+# ------------------------------------------------------------------------------------------ backward
+
+
+def reference_loss_and_grads(ref, batch, generated, fields, packed):
+    """Loss and parameter gradients of the float64 reference model under the explicit masks."""
+    ref.zero_grad()
+    num_layers = ref.config.num_hidden_layers
+    if packed:
+        position_rows = batch["position_ids"].tolist()
+        sequence_ids = [torch.cumsum((batch["position_ids"][0] == 0).long(), 0).tolist()]
+        masks = layer_masks(torch.ones_like(batch["input_ids"]), generated, num_layers, fields, sequence_ids, position_rows)
+        position_ids = batch["position_ids"]
+    else:
+        masks = layer_masks(batch["attention_mask"], generated, num_layers, fields)
+        position_ids = torch.tensor([[p or 0 for p in positions(row.tolist())] for row in batch["attention_mask"]])
+    _MASKS.clear()
+    _MASKS.update(masks)
+    loss = ref(input_ids=batch["input_ids"], position_ids=position_ids, labels=batch["labels"], use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in ref.named_parameters()}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("checkpointing", ["off", "reentrant", "non_reentrant"])
+def test_gradients_equal_the_float64_reference(checkpointing, packed):
+    base = tiny_model("qwen3")
+    ref = reference_model(base).train()
+    model = swaa.patch_model(base, **FIELDS, backend="reference").train()
+    if checkpointing != "off":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+    prompts, answers = PROMPTS, [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
+    batch = PromptAnswerCollator(tiny_tokenizer(), packing=packed)(token_examples(prompts, answers))
+    generated = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    if packed:
+        start = 0
+        for p, a in zip(prompts, answers):
+            generated[0, start + len(p) : start + len(p) + len(a)] = True
+            start += len(p) + len(a)
+    else:
+        for row, (p, a) in enumerate(zip(prompts, answers)):
+            generated[row, len(p) : len(p) + len(a)] = True
+    loss = model(**batch).loss
+    loss.backward()
+    expected_loss, expected = reference_loss_and_grads(ref, batch, generated, FIELDS, packed)
+    # transformers computes the loss in float32 on both sides: equal to float32 rounding
+    torch.testing.assert_close(loss.detach(), expected_loss, rtol=1e-6, atol=1e-6)
+    grads = dict(model.named_parameters())
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name].grad, grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert any(g.abs().sum() > 0 for n, g in expected.items() if "k_proj" in n)
+
+
+# ---------------------------------------------------------------------------------- self-distillation
+
+
+def test_self_distill_answers_greedily_in_batches_and_writes_jsonl(tmp_path):
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("qwen3", dtype=torch.float32)
+    prompts = ["w3 w4 w5 w6 w7", {"prompt": "w8 w9", "id": 7}, "w10 w11 w12"]
+    path = tmp_path / "distilled.jsonl"
+    records = self_distill(model, tokenizer, prompts, path, batch_size=2, max_new_tokens=4, chat_template=False)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == records
+    assert records[1]["id"] == 7 and [r["prompt"] for r in records] == ["w3 w4 w5 w6 w7", "w8 w9", "w10 w11 w12"]
+    for record in records:
+        ids = tokenizer(record["prompt"], return_tensors="pt")["input_ids"]
+        alone = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)[0, ids.shape[1] :]
+        assert record["answer"] == tokenizer.decode(alone, skip_special_tokens=True)
+    swaa.patch_model(model, window=2)
+    with pytest.raises(ValueError, match="call swaa.unpatch_model"):
+        self_distill(model, tokenizer, prompts)
+
+
+# ------------------------------------------------------------------------------------------- scripts
+
+
+def test_finetune_example_tiny_lowers_the_loss_and_saves_adapter_and_config(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "finetune_lora.py"), "--tiny", "--output-dir", str(out),
+         "--max-steps", "6", "--num-examples", "40", "--eval-examples", "16", "--batch-size", "4"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = json.loads((out / "losses.json").read_text())
+    assert losses["end"] < losses["start"], losses
+    assert {"adapter_config.json", "adapter_model.safetensors", "swaa_config.json"} <= set(os.listdir(out))
+    assert swaa.SWAAConfig.from_json_file(out / "swaa_config.json").window == 64
+    assert "swaa.train.load_adapter" in result.stdout
+
+
+def test_train_speed_benchmark_smoke(tmp_path):
+    out = tmp_path / "speed.json"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "train_speed.py"), "--smoke", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["attention"] for row in rows} >= {"full (sdpa)", "swaa reference"}
+    assert all(row["tokens_per_s"] > 0 for row in rows if row["status"] == "ok")
+    assert result.stdout.strip().splitlines()[-1].startswith("|")
