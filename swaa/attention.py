@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import backends
+from .cache import SWAACache
 from .layout import Layout
 from .rules import LayerRule
 
@@ -28,6 +29,7 @@ class SWAAContext:
     layout: Layout
     need_weights: bool = False
     layers_called: set = field(default_factory=set)
+    cache: object = None  # the forward's past_key_values: a SWAACache says which keys each layer holds
 
 
 def swaa_attention(
@@ -53,10 +55,13 @@ def swaa_attention(
             raise NotImplementedError(f"{type(module).__name__} uses {what} ({name}), which swaa does not implement")
     layer = module.layer_idx
     layout = context.layout.to(query.device)
+    key_pos = context.cache.key_positions(layer) if isinstance(context.cache, SWAACache) else None
+    if key_pos is not None:  # a bounded cache layer: its keys are the kept ones + the new ones
+        layout = layout.with_keys(key_pos.to(query.device))
     if key.shape[-2] != layout.key_pos.shape[1]:
         raise RuntimeError(
-            f"layer {layer} got {key.shape[-2]} keys where swaa expected {layout.key_pos.shape[1]}: swaa needs a"
-            " DynamicCache holding every token so far (static and offloaded caches are not supported)"
+            f"layer {layer} got {key.shape[-2]} keys where swaa expected {layout.key_pos.shape[1]}: swaa needs its"
+            " own cache or a DynamicCache holding every token so far (static and offloaded caches are not supported)"
         )
     rule = context.rules[layer]
     attend = backends.select(context.backend, query, rule, layout, context.need_weights)

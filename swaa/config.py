@@ -55,6 +55,8 @@ class SWAAConfig:
         backend: "auto" (fastest exact path on the device), "reference", "flash" or "flex".
         drop_layers_beyond_depth: ignore (with a warning) layer indices past the model's depth instead
             of failing; set for configs in the authors' format, whose lists run past small models.
+        bounded_cache: SWA layers without FA decode keep only their sinks and last ``window - 1`` keys in
+            the KV cache (exact: no later query sees the others). False keeps every token in every layer.
     """
 
     window: int
@@ -65,6 +67,7 @@ class SWAAConfig:
     fa_decode: bool | tuple[int, ...] = True
     backend: str = "auto"
     drop_layers_beyond_depth: bool = False
+    bounded_cache: bool = True
 
     def __post_init__(self):
         if not _is_int(self.window) or self.window < 1:
@@ -92,6 +95,8 @@ class SWAAConfig:
             raise ValueError(f"backend={self.backend!r}: must be one of {', '.join(map(repr, BACKENDS))}")
         if not isinstance(self.drop_layers_beyond_depth, bool):
             raise TypeError(f"drop_layers_beyond_depth={self.drop_layers_beyond_depth!r}: must be a bool")
+        if not isinstance(self.bounded_cache, bool):
+            raise TypeError(f"bounded_cache={self.bounded_cache!r}: must be a bool")
         if self.full_attention_layers is not None and isinstance(self.fa_decode, tuple):
             both = sorted(set(self.full_attention_layers) & set(self.fa_decode))
             if both:

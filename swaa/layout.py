@@ -98,6 +98,18 @@ class Layout:
             )
         return self.memo[key]
 
+    def with_keys(self, key_pos: torch.Tensor) -> Layout:
+        """This forward's queries against other keys: ``key_pos`` (batch, n) int64, the positions of the keys
+        a layer really holds (a bounded cache layer's kept keys + the new ones; -1 marks an empty slot).
+        Memoized on the tensor's identity, so layers handed the same tensor share one layout and its memo."""
+        if self.query_seq is not None:
+            raise ValueError("with_keys: a layout of packed sequences keeps its own keys")
+        key = ("keys", id(key_pos))
+        hit = self.memo.get(key)
+        if hit is None or hit[0] is not key_pos:
+            hit = self.memo[key] = (key_pos, Layout(self.query_pos, key_pos, self.query_generated))
+        return hit[1]
+
     def mask(self, rule: LayerRule) -> torch.Tensor:
         """Dense (batch, q_len, kv_len) bool mask of what each query sees under ``rule``; O(L^2) memory."""
         key = ("mask", rule)

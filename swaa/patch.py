@@ -22,7 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from . import backends
 from .attention import ATTENTION_NAME, CONTEXT_KWARG, SWAAContext, no_mask, swaa_attention
-from .cache import new_cache
+from .cache import SWAACache, new_cache
 from .config import SWAAConfig
 from .layout import Layout
 from .rules import LayerRule, describe_rules, layer_rules
@@ -192,7 +192,10 @@ def _generate_with_boundary(state: _PatchState, model: PreTrainedModel, generate
     def generate_swaa(*args, **kwargs):
         config = kwargs.get("generation_config") or model.generation_config
         if kwargs.get("past_key_values") is None and kwargs.get("use_cache", config.use_cache):
-            kwargs["past_key_values"] = new_cache(state.rules)
+            # assisted decoding rolls the cache back (crop), which a bounded cache cannot do exactly
+            assisted = any(kwargs.get(name) is not None or getattr(config, name, None) is not None
+                           for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"))
+            kwargs["past_key_values"] = new_cache(state.rules, state.config.bounded_cache and not assisted)
         outer, state.prompt_end = state.prompt_end, _prompt_end(args, kwargs)
         try:
             return generate(*args, **kwargs)
@@ -221,7 +224,7 @@ def _before_forward(state: _PatchState, decoder: torch.nn.Module, args: tuple, k
     past = kwargs.get("past_key_values")
     use_cache = kwargs.get("use_cache")
     if past is None and not decoder.training and (decoder.config.use_cache if use_cache is None else use_cache):
-        past = kwargs["past_key_values"] = new_cache(state.rules)
+        past = kwargs["past_key_values"] = new_cache(state.rules, state.config.bounded_cache)
     if past is not None and not isinstance(past, Cache):
         raise TypeError(f"past_key_values must be a transformers Cache, got {type(past).__name__}")
     attention_mask = kwargs.get("attention_mask")
@@ -249,8 +252,10 @@ def _before_forward(state: _PatchState, decoder: torch.nn.Module, args: tuple, k
         prompt_len=prompt_len,
         labels=labels,
     )
+    if isinstance(past, SWAACache):
+        past.begin_forward(layout)  # its bounded layers keep what later queries can see, by position
     need_weights = bool(kwargs.get("output_attentions") or decoder.config.output_attentions)
-    kwargs[CONTEXT_KWARG] = SWAAContext(state.rules, state.config.backend, layout, need_weights)
+    kwargs[CONTEXT_KWARG] = SWAAContext(state.rules, state.config.backend, layout, need_weights, cache=past)
     return (), kwargs
 
 

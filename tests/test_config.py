@@ -30,6 +30,7 @@ from swaa.rules import FULL_ATTENTION, LayerRule, full_attention_layers, layer_r
         (dict(window=8, fa_decode="yes"), TypeError, "fa_decode='yes': must be a list of layer indices"),
         (dict(window=8, full_attention_layers=[1], fa_decode=[0, 1]), ValueError, "layer(s) [1] are full-attention"),
         (dict(window=8, backend="triton"), ValueError, "backend='triton': must be one of 'auto', 'reference'"),
+        (dict(window=8, bounded_cache="yes"), TypeError, "bounded_cache='yes': must be a bool"),
     ],
     ids=lambda value: str(value) if isinstance(value, dict) else "",
 )
@@ -57,6 +58,13 @@ def test_authors_names_take_their_defaults():
     assert (config.window, config.sink, config.full_attention_layers) == (2000, 100, (1, 3))
     assert config.fa_decode is False  # their default, unlike ours
     assert config.drop_layers_beyond_depth
+    assert config.bounded_cache  # not one of their fields: ours, on
+
+
+def test_bounded_cache_is_on_by_default_and_serialized():
+    assert SWAAConfig(window=8).bounded_cache is True
+    data = SWAAConfig(window=8, bounded_cache=False).to_dict()
+    assert data["bounded_cache"] is False and SWAAConfig.from_dict(data).bounded_cache is False
 
 
 def test_authors_layers_beyond_depth_are_dropped_with_a_warning(caplog):

@@ -1,0 +1,240 @@
+"""Bounded KV cache: SWA layers without FA decode keep only their sinks and last window - 1 keys, and
+generation stays exactly what it is with a cache that keeps every token."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from reference import reference_model
+from test_generate import assert_logits_equal, run_and_compare
+from tiny import left_padded, tiny_model
+from transformers import DynamicCache
+
+import swaa
+from swaa import SWAAConfig
+from swaa import backends
+from swaa.cache import SWAACache, new_cache
+from swaa.layout import Layout
+from swaa.rules import FULL_ATTENTION, LayerRule, layer_rules
+
+NEW = 6
+
+CONFIGS = {
+    "plain_swa": dict(window=3, fa_decode=False),
+    "sink2": dict(window=3, sink=2, fa_decode=False),
+    "window1_sink1": dict(window=1, sink=1, fa_decode=False),
+    "interleave2_no_decode": dict(window=2, sink=1, interleave=2, fa_decode=False),
+    "decode_list": dict(window=3, sink=1, full_attention_layers=[2], fa_decode=[0]),  # layers 1, 3 bounded
+}
+
+
+def generate(model, fields, ids, mask, bounded, new=NEW, **kwargs):
+    swaa.patch_model(model, **fields, bounded_cache=bounded)
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True, **kwargs)
+
+
+def assert_same_generation(bounded, unbounded):
+    assert torch.equal(bounded.sequences, unbounded.sequences)
+    for step_bounded, step_unbounded in zip(bounded.logits, unbounded.logits):
+        assert_logits_equal(step_bounded, step_unbounded)
+
+
+@pytest.mark.parametrize("chunk", [None, 3, 5], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_bounded_generation_equals_unbounded(config, family, chunk):
+    """Windows smaller than the prompt, sinks 0 and > 0, a left-padded batch whose shortest row is shorter
+    than sink + window, one-shot and chunked prefill."""
+    model = tiny_model(family)
+    ids, mask = left_padded([13, 9, 2], total=13, seed=11)
+    bounded = generate(model, CONFIGS[config], ids, mask, True, prefill_chunk_size=chunk)
+    assert isinstance(bounded.past_key_values, SWAACache)
+    unbounded = generate(model, CONFIGS[config], ids, mask, False, prefill_chunk_size=chunk)
+    assert type(unbounded.past_key_values) is DynamicCache
+    assert_same_generation(bounded, unbounded)
+
+
+@pytest.mark.parametrize("fields", [dict(window=3, sink=1, fa_decode=False),
+                                    dict(window=2, sink=2, interleave=2, fa_decode=False)], ids=str)
+@pytest.mark.parametrize("chunk", [None, 4], ids=lambda c: f"chunk{c}")
+def test_bounded_generation_equals_float64_reference(fields, chunk):
+    model = tiny_model("qwen3")
+    ids, mask = left_padded([12, 8, 3], total=12, seed=12)
+    out = run_and_compare(model, reference_model(model), fields, ids, mask, prefill_chunk_size=chunk)
+    assert isinstance(out.past_key_values, SWAACache)
+
+
+def test_stored_length_per_layer_is_what_the_rule_says():
+    """Bounded layers: sink + window - 1 keys after a long prompt; full and FA-decode layers: every token."""
+    model = tiny_model("qwen3")
+    fields = dict(window=4, sink=2, interleave=2, fa_decode=[0])  # 0 FA decode, 1 and 3 full, 2 bounded
+    ids, mask = left_padded([20, 20], total=20, seed=13)
+    out = generate(model, fields, ids, mask, True, new=3)
+    cache = out.past_key_values
+    seen = 20 + 3 - 1  # the last generated token is never fed back
+    assert cache.get_seq_length() == seen
+    assert cache.stored_lengths() == [seen, seen, 2 + 4 - 1, seen]
+    assert cache.layers[2].positions.tolist() == [[0, 1, seen - 3, seen - 2, seen - 1]] * 2
+
+
+def test_left_padding_sinks_are_each_rows_first_real_tokens():
+    model = tiny_model("qwen3")
+    ids, mask = left_padded([20, 9, 3], total=20, seed=14)
+    out = generate(model, dict(window=4, sink=2, fa_decode=False), ids, mask, True, new=2)
+    layer = out.past_key_values.layers[0]
+    assert layer.keys.shape[-2] == 5 and layer.get_seq_length() == 21
+    # row 0: 21 real tokens; row 1: 10; row 2: 4 (all kept, the empty slot first, like left padding)
+    assert layer.positions.tolist() == [[0, 1, 18, 19, 20], [0, 1, 7, 8, 9], [-1, 0, 1, 2, 3]]
+
+
+def test_chunked_prefill_attends_to_at_most_sink_window_and_chunk_keys(monkeypatch):
+    """With the bounded cache and prefill_chunk_size, no bounded layer ever builds a prompt-long mask."""
+    fields, chunk = dict(window=3, sink=2, interleave=2, fa_decode=False), 4
+    seen = []
+    select = backends.select
+
+    def spying_select(*args, **kwargs):
+        attend = select(*args, **kwargs)
+
+        def spy(query, key, value, *, rule, layout, **rest):
+            seen.append((rule, query.shape[-2], key.shape[-2], layout.key_pos.shape[1]))
+            return attend(query, key, value, rule=rule, layout=layout, **rest)
+
+        return spy
+
+    monkeypatch.setattr(backends, "select", spying_select)
+    model = tiny_model("qwen3")
+    ids, mask = left_padded([30, 25], total=30, seed=15)
+    generate(model, fields, ids, mask, True, new=3, prefill_chunk_size=chunk)
+    bounded = [(q, k, n) for rule, q, k, n in seen if not rule.is_full]
+    assert bounded and all(k == n <= 2 + 3 - 1 + chunk for q, k, n in bounded)
+    assert max(k for rule, q, k, n in seen if rule.is_full) == 30 + 3 - 1
+
+
+def test_multi_turn_reuse_equals_unbounded():
+    fields = dict(window=3, sink=1, interleave=3, fa_decode=False)
+    follow_up = torch.randint(1, 50, (2, 5), generator=torch.Generator().manual_seed(16))
+    results = []
+    for bounded in (True, False):
+        model = tiny_model("qwen3")
+        ids, mask = left_padded([10, 6], total=10, seed=16)
+        first = generate(model, fields, ids, mask, bounded, new=4)
+        turn2_ids = torch.cat([first.sequences, follow_up], dim=1)
+        turn2_mask = torch.cat([mask, torch.ones(2, 4 + 5, dtype=mask.dtype)], dim=1)
+        second = model.generate(turn2_ids, attention_mask=turn2_mask, past_key_values=first.past_key_values,
+                                max_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                                prefill_chunk_size=3)
+        results.append(second)
+    assert isinstance(results[0].past_key_values, SWAACache)
+    assert_same_generation(*results)
+
+
+def test_beam_search_equals_unbounded():
+    fields = dict(window=3, sink=1, fa_decode=False)
+    ids, mask = left_padded([11, 7], total=11, seed=17)
+    outs = []
+    for bounded in (True, False):
+        model = tiny_model("qwen3")
+        swaa.patch_model(model, **fields, bounded_cache=bounded)
+        outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=5, num_beams=3, num_return_sequences=2,
+                                   do_sample=False, output_scores=True, return_dict_in_generate=True))
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    torch.testing.assert_close(outs[0].sequences_scores, outs[1].sequences_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_reorder_and_select_move_positions_with_keys():
+    rules = (LayerRule(3, 1), FULL_ATTENTION)
+    cache = new_cache(rules)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]])
+    layout = Layout.build(batch_size=2, q_len=6, past_len=0, device=torch.device("cpu"), attention_mask=mask)
+    cache.begin_forward(layout)
+    keys = torch.arange(12.0).reshape(2, 1, 6, 1)
+    for layer in range(2):
+        cache.update(keys, keys, layer)
+    bounded = cache.layers[0]
+    assert bounded.positions.tolist() == [[0, 4, 5], [0, 1, 2]]
+    assert bounded.keys.flatten(1).tolist() == [[0, 4, 5], [9, 10, 11]]
+    cache.reorder_cache(torch.tensor([1, 1]))
+    assert bounded.positions.tolist() == [[0, 1, 2]] * 2 and bounded.keys.flatten(1).tolist() == [[9, 10, 11]] * 2
+    cache.batch_select_indices(torch.tensor([0]))
+    assert bounded.positions.shape == (1, 3) and cache.layers[1].keys.shape[0] == 1
+    cache.batch_repeat_interleave(3)
+    assert bounded.positions.shape == (3, 3) and bounded.keys.shape == (3, 1, 3, 1)
+
+
+def test_crop_is_exact_until_keys_are_dropped_then_the_next_forward_fails():
+    model = tiny_model("qwen3")
+    swaa.patch_model(model, window=8, fa_decode=False)
+    ids = torch.randint(1, 50, (1, 6), generator=torch.Generator().manual_seed(18))
+    cache = new_cache(layer_rules(SWAAConfig(window=8, fa_decode=False), 4))
+    model(ids, past_key_values=cache)
+    cache.crop(-2)
+    assert cache.get_seq_length() == 4 and cache.stored_lengths() == [4] * 4
+    cropped = model(ids[:, 4:], past_key_values=cache).logits
+    torch.testing.assert_close(cropped, model(ids, use_cache=False).logits[:, 4:], rtol=1e-9, atol=1e-9)
+    model(torch.ones(1, 10, dtype=torch.long), past_key_values=cache)  # 16 tokens seen: keys dropped
+    cache.crop(-3)
+    with pytest.raises(RuntimeError, match="bounded_cache=False to roll back exactly"):
+        model(torch.ones(1, 1, dtype=torch.long), past_key_values=cache)
+
+
+def test_assisted_decoding_gets_a_cache_that_can_roll_back():
+    model = tiny_model("qwen3")
+    swaa.patch_model(model, window=3, sink=1, fa_decode=False)
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6, 7, 5, 6]])
+    plain = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assisted = model.generate(ids, max_new_tokens=8, do_sample=False, prompt_lookup_num_tokens=3)
+    assert torch.equal(plain, assisted)
+
+
+def test_packed_forward_with_a_cache_equals_unbounded():
+    model = tiny_model("qwen3")
+    ids = torch.randint(1, 50, (1, 12), generator=torch.Generator().manual_seed(19))
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]])
+    logits = []
+    for bounded in (True, False):
+        swaa.patch_model(model, window=2, sink=1, fa_decode=False, bounded_cache=bounded)
+        logits.append(model(ids, position_ids=position_ids, use_cache=True).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+
+
+def test_cache_used_without_the_patch_says_why():
+    model = tiny_model("qwen3")
+    swaa.patch_model(model, window=2, fa_decode=False)
+    cache = model(torch.ones(1, 4, dtype=torch.long)).past_key_values
+    assert isinstance(cache, SWAACache)
+    swaa.unpatch_model(model)
+    with pytest.raises(RuntimeError, match="without the incoming tokens' positions"):
+        model(torch.ones(1, 1, dtype=torch.long), past_key_values=cache)
+
+
+def test_bounded_cache_off_or_nothing_to_bound_gives_a_plain_dynamic_cache():
+    assert type(new_cache((LayerRule(4, 1, True), FULL_ATTENTION))) is DynamicCache
+    assert type(new_cache((LayerRule(4, 1, False),), bounded=False)) is DynamicCache
+    assert isinstance(new_cache((LayerRule(4, 1, False), FULL_ATTENTION)), SWAACache)
+
+
+def test_with_keys_mask_is_the_full_mask_at_the_kept_keys():
+    mask2d = torch.tensor([[1] * 9, [0, 0, 0, 0, 1, 1, 1, 1, 1]])
+    full = Layout.build(batch_size=2, q_len=3, past_len=6, device=torch.device("cpu"), attention_mask=mask2d)
+    kept_index = torch.tensor([[0, 1, 4, 5, 6, 7, 8], [0, 1, 4, 5, 6, 7, 8]])
+    kept = full.key_pos.gather(1, kept_index)
+    rule = LayerRule(3, 2)
+    layout = full.with_keys(kept)
+    assert full.with_keys(kept) is layout
+    expected = full.mask(rule).gather(2, kept_index[:, None, :].expand(-1, 3, -1))
+    assert torch.equal(layout.mask(rule), expected)
+
+
+def test_cache_memory_benchmark_smoke(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cache_memory.py"
+    out = tmp_path / "result.json"
+    result = subprocess.run([sys.executable, str(script), "--smoke", str(out)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert out.exists() and "| config |" in result.stdout
