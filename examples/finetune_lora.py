@@ -155,7 +155,7 @@ def key_value_task(count: int, seed: int, num_keys: int = 64, pairs: int = 120):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # the same state the Trainer uses (DDP: gloo on CPUs)
     torch.manual_seed(args.seed)
     if args.tiny:
         tokenizer = tiny_tokenizer()
@@ -205,6 +205,7 @@ def main(argv=None):
     if state.is_main_process:
         model.print_trainable_parameters()
         print("SWAA layers:\n" + swaa.describe(model))
+        print(f"processes: {state.num_processes} ({state.distributed_type}), device {state.device}")
 
     grad_accum = args.grad_accum or max(1, 64 // (args.batch_size * state.num_processes))
     if args.tiny and args.grad_accum is None:
@@ -229,6 +230,7 @@ def main(argv=None):
         remove_unused_columns=False,  # the collator reads the prompt and answer text
         ddp_find_unused_parameters=False,
         seed=args.seed,
+        use_cpu=not torch.cuda.is_available(),
         disable_tqdm=args.tiny,
     )
     collator = PromptAnswerCollator(

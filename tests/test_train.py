@@ -282,3 +282,19 @@ def test_train_speed_benchmark_smoke(tmp_path):
     assert {row["attention"] for row in rows} >= {"full (sdpa)", "swaa reference"}
     assert all(row["tokens_per_s"] > 0 for row in rows if row["status"] == "ok")
     assert result.stdout.strip().splitlines()[-1].startswith("|")
+
+
+def test_finetune_example_runs_under_ddp_with_two_processes(tmp_path):
+    """DDP as `accelerate launch` / torchrun start it (gloo on the CPU): the patched PeftModel inside
+    DistributedDataParallel, gradient checkpointing and packing on; rank 0 saves."""
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         os.path.join(ROOT, "examples", "finetune_lora.py"), "--tiny", "--output-dir", str(out), "--max-steps", "2",
+         "--num-examples", "24", "--eval-examples", "8", "--batch-size", "2", "--gradient-checkpointing", "--packing"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "processes: 2 (DistributedType.MULTI_CPU)" in result.stdout
+    assert json.loads((out / "losses.json").read_text())["steps"] == 2
+    assert (out / "swaa_config.json").exists() and (out / "adapter_model.safetensors").exists()
