@@ -117,18 +117,18 @@ def test_chunked_prefill_attends_to_at_most_sink_window_and_chunk_keys(monkeypat
 
 
 def test_multi_turn_reuse_equals_unbounded():
+    """Turn 2 on turn 1's cache (turn 1 chunked; transformers 5.17 cannot chunk a prefill onto a reused cache)."""
     fields = dict(window=3, sink=1, interleave=3, fa_decode=False)
     follow_up = torch.randint(1, 50, (2, 5), generator=torch.Generator().manual_seed(16))
     results = []
     for bounded in (True, False):
         model = tiny_model("qwen3")
         ids, mask = left_padded([10, 6], total=10, seed=16)
-        first = generate(model, fields, ids, mask, bounded, new=4)
+        first = generate(model, fields, ids, mask, bounded, new=4, prefill_chunk_size=3)
         turn2_ids = torch.cat([first.sequences, follow_up], dim=1)
         turn2_mask = torch.cat([mask, torch.ones(2, 4 + 5, dtype=mask.dtype)], dim=1)
         second = model.generate(turn2_ids, attention_mask=turn2_mask, past_key_values=first.past_key_values,
-                                max_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True,
-                                prefill_chunk_size=3)
+                                max_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True)
         results.append(second)
     assert isinstance(results[0].past_key_values, SWAACache)
     assert_same_generation(*results)
