@@ -110,6 +110,14 @@ class Layout:
             hit = self.memo[key] = (key_pos, Layout(self.query_pos, key_pos, self.query_generated))
         return hit[1]
 
+    def plain(self) -> bool:
+        """Every row is one sequence with no padding and all its keys, so position == index: the case
+        where fused kernels need no position tensors. Checked once per layout (one GPU sync)."""
+        if "plain" not in self.memo:
+            index = torch.arange(self.key_pos.shape[1], device=self.key_pos.device)
+            self.memo["plain"] = self.query_seq is None and bool((self.key_pos == index).all())
+        return self.memo["plain"]
+
     def mask(self, rule: LayerRule) -> torch.Tensor:
         """Dense (batch, q_len, kv_len) bool mask of what each query sees under ``rule``; O(L^2) memory."""
         key = ("mask", rule)

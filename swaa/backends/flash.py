@@ -10,11 +10,14 @@ Each sequence's queries fall into runs of one kind, in position order:
 - windowed: the query sees its window and, separately, the ``sink`` first keys, which lie wholly before
   the window. FA2 with ``window_size=(window - 1, 0)`` gives the first part, a small non-causal FA2 call
   over the sinks the second, and the two are merged through their log-sum-exp; nothing is counted twice.
-Every run is one causal FA2 sequence aligned bottom-right: its queries are the last of its keys.
+Every run is one causal FA2 sequence aligned bottom-right: its queries are the last of its keys. Keys are
+found by position, so a bounded cache (sinks, then the window) works as well as a full one.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -52,6 +55,18 @@ def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, window_left, scalin
     return output, lse.transpose(0, 1)  # FA2 gives the log-sum-exp as (heads, total_q)
 
 
+def _merge(near, near_lse, far, far_lse):
+    """Softmax over the union of two disjoint key sets, from each part's output and log-sum-exp."""
+    far_share = torch.sigmoid(far_lse - near_lse)[..., None]  # exp(far) / (exp(near) + exp(far))
+    wide = torch.promote_types(near.dtype, torch.float32)
+    return torch.lerp(near.to(wide), far.to(wide), far_share.to(wide)).to(near.dtype)
+
+
+@functools.cache
+def _compiled_merge():
+    return torch.compile(_merge)  # one fused kernel instead of several passes over float32 temporaries
+
+
 @dataclass
 class _Call:
     """One FA2 call over packed runs: which query and key slots (flattened batch x length) it takes."""
@@ -76,16 +91,12 @@ def _plan(rule: LayerRule, layout: Layout) -> tuple[_Call | None, _Call | None, 
     q_len, kv_len = len(query_pos[0]), len(key_pos[0])
     runs = {"full": [], "window": [], "sink": []}
     for b, (q_row, k_row) in enumerate(zip(query_pos, key_pos)):
-        starts = {}  # sequence id -> key slot of its position 0
+        keys = {}  # sequence id -> (positions, slots) of its keys, in position order
         for j, pos in enumerate(k_row):
             if pos >= 0:
-                seq = key_seq[b][j] if key_seq else 0
-                start = starts.setdefault(seq, j - pos)
-                if j - pos != start:
-                    raise NotImplementedError(
-                        "backend='flash' needs every key of a sequence in the cache (a bounded cache dropped some);"
-                        " use backend='flex' or 'auto'"
-                    )
+                positions, slots = keys.setdefault(key_seq[b][j] if key_seq else 0, ([], []))
+                positions.append(pos)
+                slots.append(b * kv_len + j)
         run = None
         for t, pos in enumerate(q_row):
             if pos < 0:
@@ -95,7 +106,7 @@ def _plan(rule: LayerRule, layout: Layout) -> tuple[_Call | None, _Call | None, 
             full = rule.is_full or (rule.fa_decode and generated[b][t]) or pos - rule.window + 1 <= rule.sink
             kind = "full" if full else "window"
             if run is None or run["kind"] != kind or run["seq"] != seq:
-                run = {"kind": kind, "seq": seq, "row": b, "start": starts[seq], "queries": [], "first": pos}
+                run = {"kind": kind, "seq": seq, "keys": keys[seq], "queries": [], "first": pos}
                 runs[kind].append(run)
             run["queries"].append(b * q_len + t)
             run["last"] = pos
@@ -108,9 +119,14 @@ def _plan(rule: LayerRule, layout: Layout) -> tuple[_Call | None, _Call | None, 
         query_index, key_index, cu_q, cu_k = [], [], [0], [0]
         for run in chosen:
             first_key, end_key = key_span(run)
-            base = run["row"] * kv_len + run["start"]
+            positions, slots = run["keys"]
+            lo, hi = bisect.bisect_left(positions, first_key), bisect.bisect_left(positions, end_key)
+            if hi - lo != end_key - first_key:
+                raise NotImplementedError(
+                    f"backend='flash': keys at positions {first_key}..{end_key - 1} are not all in the cache"
+                )
             query_index += run["queries"]
-            key_index += range(base + first_key, base + end_key)
+            key_index += slots[lo:hi]
             cu_q.append(len(query_index))
             cu_k.append(len(key_index))
         as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
@@ -161,9 +177,6 @@ def attend(
     if window is not None:
         near, near_lse = run(window)
         if sinks is not None:
-            far, far_lse = run(sinks)
-            top = torch.maximum(near_lse, far_lse)
-            near_weight, far_weight = (near_lse - top).exp(), (far_lse - top).exp()
-            near = (near * near_weight[..., None] + far * far_weight[..., None]) / (near_weight + far_weight)[..., None]
+            near = (_compiled_merge() if near.is_cuda else _merge)(near, near_lse, *run(sinks))
         output = output.index_copy(0, window.query_index, near.to(output.dtype))
     return output.view(batch, q_len, heads, head_dim), None

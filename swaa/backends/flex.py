@@ -22,7 +22,8 @@ _SEQUENCE_STRIDE = 1 << 40  # (sequence, position) -> one sortable int64
 
 @functools.cache
 def _compiled_flex():
-    """flex_attention compiled once per process; shapes become dynamic after the first recompile."""
+    """flex_attention compiled once per process; shapes become dynamic after the first recompile, and
+    window and sink are tensors, so new lengths and configs reuse the compiled kernels."""
     return torch.compile(flex_attention)
 
 
@@ -134,8 +135,27 @@ def block_mask(rule: LayerRule, layout: Layout) -> BlockMask:
     )
 
 
+@functools.cache
+def _index_mask_mod(rule: LayerRule, device: torch.device):
+    """Prompt rows without padding, packing or cache: positions are indices, so the mask_mod loads nothing,
+    and one function object per rule lets the compiled kernel be reused across forwards."""
+    if not rule.is_full:
+        rule = LayerRule(torch.tensor(rule.window, device=device), torch.tensor(rule.sink, device=device), rule.fa_decode)
+
+    def mask_mod(b, h, q, k):
+        return visible(rule, q, k, False)
+
+    return mask_mod
+
+
 def _mask_mod(rule: LayerRule, layout: Layout, q_len: int, kv_len: int):
-    """``rules.visible`` as a FlexAttention mask_mod; positions padded so every index in a block is valid."""
+    """``rules.visible`` as a FlexAttention mask_mod; positions padded so every index in a block is valid.
+    Window and sink enter as tensors, so the compiled kernel serves every window size without recompiling."""
+    device = layout.query_pos.device
+    if q_len == kv_len and layout.plain() and not (rule.fa_decode and bool(layout.query_generated.any())):
+        return _index_mask_mod(rule, device)
+    if not rule.is_full:
+        rule = LayerRule(torch.tensor(rule.window, device=device), torch.tensor(rule.sink, device=device), rule.fa_decode)
     query_pos = _blocks(layout.query_pos, -1).flatten(1)
     key_pos = _blocks(layout.key_pos, -1).flatten(1)
     generated = _blocks(layout.query_generated, False).flatten(1)

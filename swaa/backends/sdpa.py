@@ -23,14 +23,7 @@ def handles(query: torch.Tensor, rule: LayerRule, layout: Layout) -> bool:
         return False
     if q_len == 1:
         return _decode_keys(rule, layout) is not None
-    return rule.is_full and q_len == kv_len and _plain_positions(layout)
-
-
-def _plain_positions(layout: Layout) -> bool:
-    if "plain_positions" not in layout.memo:
-        key_pos = layout.key_pos
-        layout.memo["plain_positions"] = bool((key_pos == torch.arange(key_pos.shape[1], device=key_pos.device)).all())
-    return layout.memo["plain_positions"]
+    return rule.is_full and q_len == kv_len and layout.plain()
 
 
 def _decode_keys(rule: LayerRule, layout: Layout) -> str | None:
@@ -42,7 +35,7 @@ def _decode_keys(rule: LayerRule, layout: Layout) -> str | None:
         if bool(layout.mask(rule).all()):
             layout.memo[key] = "all"
         else:
-            layout.memo[key] = "slice" if not rule.is_full and _plain_positions(layout) else None
+            layout.memo[key] = "slice" if not rule.is_full and layout.plain() else None
     return layout.memo[key]
 
 

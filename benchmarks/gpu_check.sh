@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One GPU sitting: versions, the GPU tests, the model and kernel benchmarks, flex kernel options.
+# Run from the repository root on the GPU machine: bash benchmarks/gpu_check.sh  (writes to $OUT or ./out)
+set -u
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONPATH=.:tests PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, show its end
+    local name=$1 seconds=$2; shift 2
+    timeout "$seconds" "$@" > "$OUT/$name.log" 2>&1; echo "== $name exit $?"
+}
+[ -n "${SKIP_TESTS:-}" ] || { step gpu_tests 200 python3 -m pytest -q tests/gpu -p no:cacheprovider -k "${TESTS:-}";
+    grep -E "passed|failed|^E " "$OUT/gpu_tests.log" | tail -8; }
+[ -n "${SKIP_MODEL:-}" ] || { step model 300 python3 -m swaa.bench --skip-kernels --lengths ${LENGTHS:-16384 32768 65536 131072} \
+    --out "$OUT/model.json" --plot "$OUT/speedup.png"; tail -28 "$OUT/model.log"; }
+[ -n "${SKIP_KERNELS:-}" ] || { step kernels 100 python3 -m swaa.bench --skip-model --lengths ${LENGTHS:-16384 32768 65536 131072} \
+    --out "$OUT/kernels.json"; tail -32 "$OUT/kernels.log"; }
+[ -n "${SKIP_TUNING:-}" ] || { step tuning 60 python3 benchmarks/flex_tuning.py; cat "$OUT/tuning.log" | grep options; }

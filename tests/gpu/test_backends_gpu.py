@@ -1,0 +1,158 @@
+"""GPU backends against the float64 reference (run on the H100; skipped without CUDA).
+
+Tolerance rule (flash-attn's tests): a backend's error against float64 is at most twice the error of plain
+PyTorch attention (dense mask, same low precision) plus a small floor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import CASES, Case, make_inputs, reference_output
+
+import swaa
+from swaa.backends import flash, flex, reference, sdpa
+from swaa.layout import Layout
+from swaa.rules import LayerRule
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+BACKENDS = {"flex": flex.attend, "flash": flash.attend}
+
+
+def error(output, expected):
+    return ((output.double().cpu() - expected).norm() / expected.norm()).item()
+
+
+def check(attend, case, dtype, seed=0):
+    query, key, value, layout, expected_mask = make_inputs(case, device="cuda", dtype=dtype, seed=seed)
+    scaling = case.head_dim**-0.5
+    expected = reference_output(query.double(), key.double(), value.double(), expected_mask, scaling)
+    output, _ = attend(query, key, value, rule=case.rule, layout=layout, scaling=scaling)
+    plain, _ = reference.attend(query, key, value, rule=case.rule, layout=layout, scaling=scaling)
+    assert not output.isnan().any()
+    assert error(output, expected) <= 2 * error(plain, expected) + 1e-3, (error(output, expected), error(plain, expected))
+
+
+GPU_CASES = [
+    Case(c.lengths, c.q_len, c.rule, c.prompt_end, heads=h, kv_heads=h // g, head_dim=d, packed=c.packed)
+    for c in CASES
+    for (h, g, d) in [(8, 4, 64), (8, 8, 128), (4, 1, 128)]
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_equals_reference(backend, case, dtype):
+    check(BACKENDS[backend], case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [c for c in GPU_CASES if c.q_len == 1 or c.rule.is_full], ids=str)
+def test_sdpa_paths_equal_reference(case, dtype):
+    query, key, value, layout, _ = make_inputs(case, device="cuda", dtype=dtype)
+    if not sdpa.handles(query, case.rule, layout):
+        pytest.skip("not an sdpa case")
+    check(sdpa.attend, case, dtype)
+
+
+def long_case(length, rule, batch_lengths=None, q_len=None, prompt_end=None):
+    lengths = batch_lengths or (length,)
+    return Case(tuple(lengths), q_len, rule, prompt_end, heads=4, kv_heads=1, head_dim=128)
+
+
+def blockwise_reference(query, key, value, layout, rule, scaling, rows=2048):
+    """Float64 reference of long calls, a block of query rows at a time (the dense mask per block only)."""
+    out = []
+    for start in range(0, query.shape[2], rows):
+        part = Layout(layout.query_pos[:, start : start + rows], layout.key_pos,
+                      layout.query_generated[:, start : start + rows])
+        o, _ = reference.attend(query[:, :, start : start + rows].double(), key.double(), value.double(), rule=rule,
+                                layout=part, scaling=scaling)
+        out.append(o)
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("length", [4096, 32768])
+@pytest.mark.parametrize("rule", [LayerRule(2048, 100), LayerRule(2048, 0), LayerRule(1000, 4), LayerRule(None)], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_sequences(backend, rule, length):
+    torch.manual_seed(0)
+    batch, heads, kv_heads, d = 1, 4, 1, 128
+    q = torch.randn(batch, heads, length, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, kv_heads, length, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(batch, kv_heads, length, d, device="cuda", dtype=torch.bfloat16)
+    layout = Layout.build(batch_size=1, q_len=length, past_len=0, device=torch.device("cuda"))
+    scaling = d**-0.5
+    expected = blockwise_reference(q, k, v, layout, rule, scaling)
+    output, _ = BACKENDS[backend](q, k, v, rule=rule, layout=layout, scaling=scaling)
+    relative_error = ((output.double() - expected).norm() / expected.norm()).item()
+    assert relative_error < 1e-2, relative_error  # bf16 operands: between 1e-3 and 1e-2
+
+
+def tiny_gpu_model(dtype=torch.bfloat16):
+    """A tiny Qwen3 with head_dim 32 (FA2 and FlexAttention kernels want head dims of 16 or more)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=61, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, eos_token_id=None, pad_token_id=0)
+    return Qwen3ForCausalLM(config).to(dtype).cuda().eval()
+
+
+@pytest.mark.parametrize("fields", [dict(window=3, sink=1, interleave=2), dict(window=4, fa_decode=False),
+                                    dict(window=2, sink=2, fa_decode=[0, 2])], ids=str)
+def test_generate_equal_across_backends(fields):
+    """Every backend's generate (chunked prefill, padding, decode) and teacher-forced forward agree with the
+    reference backend; logits are compared while a row's greedy tokens still agree (bf16 ties may differ)."""
+    from tiny import left_padded
+
+    ids, mask = left_padded([20, 13], total=20, seed=1)
+    ids, mask = ids.cuda(), mask.cuda()
+    runs, forced = {}, {}
+    for backend in ["reference", "flex", "flash", "auto"]:
+        model = swaa.patch_model(tiny_gpu_model(), backend=backend, **fields)
+        runs[backend] = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                       output_logits=True, return_dict_in_generate=True, prefill_chunk_size=7)
+        sequence = runs["reference"].sequences
+        full_mask = torch.cat([mask, torch.ones(2, 8, dtype=mask.dtype, device="cuda")], dim=1)
+        with torch.no_grad():
+            forced[backend] = model(sequence, attention_mask=full_mask, prompt_len=mask.sum(1)).logits.float()
+    real = torch.cat([mask, torch.ones(2, 8, dtype=mask.dtype, device="cuda")], dim=1).bool()
+    for backend in runs:
+        torch.testing.assert_close(forced[backend][real], forced["reference"][real], rtol=3e-2, atol=3e-2,
+                                   msg=lambda m: f"{backend}, teacher forced: {m}")
+        same_so_far = torch.ones(2, dtype=torch.bool, device="cuda")
+        for step, logits in enumerate(runs[backend].logits):
+            torch.testing.assert_close(logits[same_so_far], runs["reference"].logits[step][same_so_far], rtol=3e-2,
+                                       atol=3e-2, msg=lambda m: f"{backend}, step {step}: {m}")
+            same_so_far &= runs[backend].sequences[:, 20 + step] == runs["reference"].sequences[:, 20 + step]
+
+
+def test_unpatch_flex_attention_model_is_bit_identical():
+    model = tiny_gpu_model()
+    model.set_attn_implementation("flex_attention")
+    ids = torch.randint(1, 50, (1, 33), device="cuda")
+    with torch.no_grad():
+        before = model(ids).logits
+        swaa.patch_model(model, window=4, sink=1)
+        model(ids)
+        swaa.unpatch_model(model)
+        after = model(ids).logits
+    assert torch.equal(before, after)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_generate_the_same_tokens():
+    from tiny import left_padded
+
+    ids, mask = left_padded([30, 21], total=30, seed=2)
+    one = swaa.patch_model(tiny_gpu_model(torch.float32), window=5, sink=2, interleave=2)
+    expected = one.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=8, do_sample=False)
+    model = tiny_gpu_model(torch.float32).cpu()
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
+                  "model.layers.2": 1, "model.layers.3": 1, "model.norm": 1, "lm_head": 1}
+    from accelerate import dispatch_model
+
+    spread = swaa.patch_model(dispatch_model(model, device_map=device_map), window=5, sink=2, interleave=2)
+    got = spread.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=8, do_sample=False)
+    assert torch.equal(got.cpu(), expected.cpu())
