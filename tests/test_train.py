@@ -294,9 +294,11 @@ def test_train_speed_benchmark_smoke(tmp_path):
     assert result.stdout.strip().splitlines()[-1].startswith("|")
 
 
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                    reason="two processes need two GPUs on a CUDA machine (NCCL); on a CPU-only machine they use gloo")
 def test_finetune_example_runs_under_ddp_with_two_processes(tmp_path):
-    """DDP as `accelerate launch` / torchrun start it (gloo on the CPU): the patched PeftModel inside
-    DistributedDataParallel, gradient checkpointing and packing on; rank 0 saves."""
+    """DDP as `accelerate launch` / torchrun start it (gloo on the CPU, NCCL on 2 GPUs): the patched
+    PeftModel inside DistributedDataParallel, gradient checkpointing and packing on; rank 0 saves."""
     out = tmp_path / "ddp"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
@@ -305,6 +307,6 @@ def test_finetune_example_runs_under_ddp_with_two_processes(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "processes: 2 (DistributedType.MULTI_CPU)" in result.stdout
+    assert "processes: 2 (DistributedType.MULTI_" in result.stdout
     assert json.loads((out / "losses.json").read_text())["steps"] == 2
     assert (out / "swaa_config.json").exists() and (out / "adapter_model.safetensors").exists()
