@@ -153,7 +153,7 @@ def _escaped(text):
          "give one or the other"),
         (lambda m: swaa.patch_model(m, window=4, backend="cuda"), ValueError, "backend='cuda': must be one of"),
         (lambda m: swaa.patch_model(m, window=4, backend="flash"), RuntimeError,
-         "backend='flash' cannot run on cpu: it needs a CUDA GPU"),
+         "backend='flash' cannot run on cpu: FA2 needs a CUDA GPU, not cpu"),
         (lambda m: swaa.patch_model(m, window=4, backend="flex"), RuntimeError,
          "backend='flex' cannot run on cpu: it needs a CUDA GPU"),
         (lambda m: swaa.patch_model(m, config=[4]), TypeError, "config must be a SWAAConfig or a dict, got list"),
