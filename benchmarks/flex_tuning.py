@@ -8,6 +8,7 @@ from torch._dynamo.utils import counters
 from torch.nn.attention.flex_attention import flex_attention
 
 from swaa.backends import flex
+from swaa.bench import cuda_seconds
 from swaa.layout import Layout
 from swaa.rules import LayerRule
 
@@ -19,18 +20,6 @@ def inputs(length, batch=1):
     q = torch.randn(batch, heads, length, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(batch, kv_heads, length, d, device="cuda", dtype=torch.bfloat16)
     return q, k, torch.randn_like(k)
-
-
-def timed(run, repeat=10):
-    run()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        run()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeat
 
 
 length = 131072
@@ -45,7 +34,7 @@ for dynamic in (False, True):
             layout2 = Layout.build(batch_size=1, q_len=40960, past_len=0, device=torch.device("cuda"))
             compiled(q2, k2, v2, block_mask=flex.block_mask(rule, layout2), scale=d**-0.5, enable_gqa=True,
                      kernel_options=options)
-        ms = timed(lambda: compiled(q, k, v, block_mask=mask, scale=d**-0.5, enable_gqa=True, kernel_options=options))
+        ms = 1e3 * cuda_seconds(lambda: compiled(q, k, v, block_mask=mask, scale=d**-0.5, enable_gqa=True, kernel_options=options))
         print(f"128k dynamic={dynamic} options={options}: {ms:.2f} ms", flush=True)
 
 for name, batch_lengths in [("plain rows", [8192]), ("padded rows", [8192, 6000])]:

@@ -48,7 +48,7 @@ def visible_pairs(length: int, window: int | None, sink: int) -> int:
     return near + far
 
 
-def _cuda_time(fn, repeat: int = 5, calls: int = 1) -> float:
+def cuda_seconds(fn, repeat: int = 5, calls: int = 1) -> float:
     """Median seconds of one call of ``fn``, over ``repeat`` timings of ``calls`` back-to-back calls (which
     lets the CPU run ahead of short kernels, as across the layers of a model), after a warm-up."""
     fn()
@@ -68,7 +68,7 @@ def kernel_rows(lengths: list[int], heads: int = 32, kv_heads: int = 8, head_dim
     """Attention alone, one layer: prefill kernels and decode against a cache of each length."""
     rows = []
     copy_source = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    copy_bandwidth = 2 * copy_source.numel() / _cuda_time(lambda: copy_source.clone())
+    copy_bandwidth = 2 * copy_source.numel() / cuda_seconds(lambda: copy_source.clone())
     del copy_source
     for length in lengths:
         q = torch.randn(1, heads, length, head_dim, device="cuda", dtype=torch.bfloat16)
@@ -84,7 +84,7 @@ def kernel_rows(lengths: list[int], heads: int = 32, kv_heads: int = 8, head_dim
             f"window {WINDOW} + {SINK} sinks, flash": (flash.attend, LayerRule(WINDOW, SINK)),
         }
         for name, (attend, rule) in cases.items():
-            seconds = _cuda_time(lambda: attend(q, k, v, rule=rule, layout=layout, scaling=scaling))
+            seconds = cuda_seconds(lambda: attend(q, k, v, rule=rule, layout=layout, scaling=scaling))
             flops = 4 * head_dim * heads * visible_pairs(length, rule.window, rule.sink)
             rows.append(dict(length=length, kernel=name, ms=seconds * 1e3, tflops=flops / seconds / 1e12))
         decode_q = q[:, :, -1:]
@@ -92,7 +92,7 @@ def kernel_rows(lengths: list[int], heads: int = 32, kv_heads: int = 8, head_dim
         cache_bytes = 2 * k.numel() * k.element_size()
         for name, rule in {"decode, FA-decode layer": LayerRule(WINDOW, SINK, True),
                            "decode, SWA layer": LayerRule(WINDOW, SINK, False)}.items():
-            seconds = _cuda_time(lambda: sdpa.attend(decode_q, k, v, rule=rule, layout=decode, scaling=scaling), 5, 36)
+            seconds = cuda_seconds(lambda: sdpa.attend(decode_q, k, v, rule=rule, layout=decode, scaling=scaling), 5, 36)
             read = cache_bytes if rule.fa_decode else cache_bytes * min(1.0, (WINDOW + SINK) / length)
             rows.append(dict(length=length, kernel=name, ms=seconds * 1e3, us=seconds * 1e6,
                              read_floor_us=read / copy_bandwidth * 1e6, copy_tb_s=copy_bandwidth / 1e12))

@@ -1,0 +1,25 @@
+"""python -m swaa.bench keeps working: its --smoke run (tiny model, CPU) writes JSON, a plot and tables."""
+
+from __future__ import annotations
+
+import json
+
+from swaa import bench
+
+
+def test_bench_smoke_writes_results(tmp_path, capsys):
+    out, plot = tmp_path / "bench.json", tmp_path / "speedup.png"
+    result = bench.main(["--smoke", "--out", str(out), "--plot", str(plot)])
+    saved = json.loads(out.read_text())
+    assert [(r["config"], r["length"]) for r in saved["model"]] == [(r["config"], r["length"]) for r in result["model"]]
+    assert {row["config"] for row in saved["model"]} == {"full attention (sdpa)", *bench.SWAA_CONFIGS}
+    assert len(saved["speedups"]) == len(bench.SWAA_CONFIGS) * 2
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("| FA decode + interleave 4 |")
+
+
+def test_visible_pairs_counts_window_and_sinks():
+    assert bench.visible_pairs(5, None, 0) == 15
+    assert bench.visible_pairs(5, 2, 0) == 1 + 2 + 2 + 2 + 2
+    # window 2, sink 1: position 2 adds key 0, positions 3 and 4 add key 0 (sinks outside the window)
+    assert bench.visible_pairs(5, 2, 1) == 9 + 3
