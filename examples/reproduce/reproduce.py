@@ -111,7 +111,7 @@ def parse_args(argv=None):
     f.add_argument("--no-finetune", action="store_true")
     f.add_argument("--ft-steps", type=int, default=150)
     f.add_argument("--ft-batch", type=int, default=8)
-    f.add_argument("--ft-lr", type=float, default=1e-3)
+    f.add_argument("--ft-lr", type=float, default=1e-4)
     f.add_argument("--ft-rank", type=int, default=16)
     f.add_argument("--ft-alpha", type=float, default=32, help="rsLoRA alpha (scale alpha / sqrt(r))")
     f.add_argument("--ft-sink", type=int, default=0, help="sink of the fine-tuning config (window + FA decode)")
