@@ -186,7 +186,7 @@ def _prompt_end(args: tuple, kwargs: dict) -> int:
 
 
 def _generate_with_boundary(state: _PatchState, model: PreTrainedModel, generate):
-    """Wrap generate: mark where generated tokens start, and give it a cache that keeps every token."""
+    """Wrap generate: mark where generated tokens start, and give it swaa's cache (bounded where exact)."""
 
     @functools.wraps(generate)
     def generate_swaa(*args, **kwargs):
