@@ -135,12 +135,18 @@ def block_mask(rule: LayerRule, layout: Layout) -> BlockMask:
     )
 
 
+def _tensor_rule(rule: LayerRule, device: torch.device) -> LayerRule:
+    """The rule with window and sink as tensors: the compiled kernel then serves every window size."""
+    if rule.is_full:
+        return rule
+    return LayerRule(torch.tensor(rule.window, device=device), torch.tensor(rule.sink, device=device), rule.fa_decode)
+
+
 @functools.cache
 def _index_mask_mod(rule: LayerRule, device: torch.device):
     """Prompt rows without padding, packing or cache: positions are indices, so the mask_mod loads nothing,
     and one function object per rule lets the compiled kernel be reused across forwards."""
-    if not rule.is_full:
-        rule = LayerRule(torch.tensor(rule.window, device=device), torch.tensor(rule.sink, device=device), rule.fa_decode)
+    rule = _tensor_rule(rule, device)
 
     def mask_mod(b, h, q, k):
         return visible(rule, q, k, False)
@@ -154,8 +160,7 @@ def _mask_mod(rule: LayerRule, layout: Layout, q_len: int, kv_len: int):
     device = layout.query_pos.device
     if q_len == kv_len and layout.plain() and not (rule.fa_decode and bool(layout.query_generated.any())):
         return _index_mask_mod(rule, device)
-    if not rule.is_full:
-        rule = LayerRule(torch.tensor(rule.window, device=device), torch.tensor(rule.sink, device=device), rule.fa_decode)
+    rule = _tensor_rule(rule, device)
     query_pos = _blocks(layout.query_pos, -1).flatten(1)
     key_pos = _blocks(layout.key_pos, -1).flatten(1)
     generated = _blocks(layout.query_generated, False).flatten(1)
