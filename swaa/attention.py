@@ -1,7 +1,8 @@
 """The attention function that every patched layer calls through transformers' ``AttentionInterface``.
 
-It looks up the layer's rule in the plan, takes the forward's layout, picks a backend and runs it. The
-mask function registered beside it returns no mask: masks come from the layout, per layer.
+It looks up the layer's rule in the plan, takes the forward's layout (or, for a ring layer of swaa's cache,
+the layout of the keys that layer holds), picks a backend and runs it. The mask function registered beside
+it hands on the 2D padding mask and builds no mask: masks come from the layout, per layer.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from dataclasses import dataclass, field
 import torch
 
 from . import backends
-from .cache import SWAACache
 from .layout import Layout
 from .rules import LayerRule
 
@@ -29,7 +29,7 @@ class SWAAContext:
     layout: Layout
     need_weights: bool = False
     layers_called: set = field(default_factory=set)
-    cache: object = None  # the forward's past_key_values: a SWAACache says which keys each layer holds
+    cache: object = None  # the forward's past_key_values: swaa's caches say which keys a ring layer holds
 
 
 def swaa_attention(
@@ -54,14 +54,19 @@ def swaa_attention(
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"{type(module).__name__} uses {what} ({name}), which swaa does not implement")
     layer = module.layer_idx
-    layout = context.layout.to(query.device)
-    key_pos = context.cache.key_positions(layer) if isinstance(context.cache, SWAACache) else None
-    if key_pos is not None:  # a bounded cache layer: its keys are the kept ones + the new ones
-        layout = layout.with_keys(key_pos.to(query.device))
-    if key.shape[-2] != layout.key_pos.shape[1]:
+    layout = context.layout
+    layout_for = getattr(context.cache, "layout_for", None)
+    if layout_for is not None:
+        layout = layout_for(layer) or layout
+    layout = layout.to(query.device)
+    expected = layout.key_pos.shape[1]
+    if key.shape[-2] > expected and getattr(context.cache, "is_compileable", False):
+        # a static cache hands every slot; this forward's layout covers the slots written so far
+        key, value = key[:, :, :expected], value[:, :, :expected]
+    if key.shape[-2] != expected:
         raise RuntimeError(
-            f"layer {layer} got {key.shape[-2]} keys where swaa expected {layout.key_pos.shape[1]}: swaa needs its"
-            " own cache or a DynamicCache holding every token so far (static and offloaded caches are not supported)"
+            f"layer {layer} got {key.shape[-2]} keys where swaa expected {expected}: swaa needs its own cache or a"
+            " DynamicCache / StaticCache holding every token so far"
         )
     rule = context.rules[layer]
     attend = backends.select(context.backend, query, rule, layout, context.need_weights)
@@ -78,6 +83,10 @@ def swaa_attention(
     )
 
 
-def no_mask(*args, **kwargs) -> None:
-    """Mask function registered for swaa: transformers builds no mask (swaa's come from the layout)."""
-    return None
+def padding_mask(*, attention_mask: torch.Tensor | None = None, kv_length: int = 0, **kwargs) -> torch.Tensor | None:
+    """Mask function registered for swaa: builds no (batch, heads, q, kv) mask (swaa's masks come from the
+    layout) and hands on the 2D padding mask, padded with zeros to ``kv_length`` slots: a static cache's fixed
+    size, so that ``generate`` gives a compiled decode step a mask of one shape."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return attention_mask
+    return torch.nn.functional.pad(attention_mask, (0, kv_length - attention_mask.shape[-1]))

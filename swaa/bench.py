@@ -1,10 +1,15 @@
 """Speed and memory of SWAA against full attention, in one run: ``python -m swaa.bench``.
 
-A Qwen3-4B-shaped model with random weights built from its config (no download), bf16, batch 1. Two
-tables: the attention kernels alone (time, effective TFLOP/s counted over the pairs the mask keeps, decode
-bandwidth), and the whole model (time to first token, time per output token at that context, peak GPU
-memory) for full attention and four SWAA configs. Prints markdown last, writes JSON and a PNG plot.
-``--smoke`` runs a tiny model on the CPU in seconds, to keep this script working.
+A Qwen3-4B-shaped model with random weights built from its config (no download), bf16, batch 1. Tables:
+the attention kernels alone (time, effective TFLOP/s counted over the pairs the mask keeps, decode
+bandwidth); the whole model's time to first token and peak GPU memory for full attention and four SWAA
+configs; decoding (``--decode``): time per output token of ``generate`` at each context length for every
+path a user could take (unpatched eager, unpatched static cache + compiled decode, transformers' native
+sliding window static + compiled, each SWAA config eager and static + compiled), beside its floor (bytes of
+weights and of the keys and values a token may see, over the copy bandwidth measured in the same run); and
+end to end (``--e2e``): the total time of ``generate`` for a long prompt and many new tokens. Prints
+markdown last, writes JSON and a PNG plot. ``--smoke`` runs a tiny model on the CPU in seconds, to keep
+this script working.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import swaa
 from swaa.backends import flash, flex, sdpa
+from swaa.cache import is_bounded
 from swaa.layout import Layout
-from swaa.rules import LayerRule
+from swaa.rules import LayerRule, layer_rules
 
 WINDOW, SINK = 2048, 100
 SWAA_CONFIGS = {
@@ -64,12 +70,18 @@ def cuda_seconds(fn, repeat: int = 5, calls: int = 1) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy (read + written): the floor's memory rate."""
+    copy_source = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    rate = 2 * copy_source.numel() / cuda_seconds(lambda: copy_source.clone())
+    del copy_source
+    return rate
+
+
 def kernel_rows(lengths: list[int], heads: int = 32, kv_heads: int = 8, head_dim: int = 128) -> list[dict]:
     """Attention alone, one layer: prefill kernels and decode against a cache of each length."""
     rows = []
-    copy_source = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    copy_bandwidth = 2 * copy_source.numel() / cuda_seconds(lambda: copy_source.clone())
-    del copy_source
+    copy_rate = copy_bandwidth()
     for length in lengths:
         q = torch.randn(1, heads, length, head_dim, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, kv_heads, length, head_dim, device="cuda", dtype=torch.bfloat16)
@@ -95,42 +107,49 @@ def kernel_rows(lengths: list[int], heads: int = 32, kv_heads: int = 8, head_dim
             seconds = cuda_seconds(lambda: sdpa.attend(decode_q, k, v, rule=rule, layout=decode, scaling=scaling), 5, 36)
             read = cache_bytes if rule.fa_decode else cache_bytes * min(1.0, (WINDOW + SINK) / length)
             rows.append(dict(length=length, kernel=name, ms=seconds * 1e3, us=seconds * 1e6,
-                             read_floor_us=read / copy_bandwidth * 1e6, copy_tb_s=copy_bandwidth / 1e12))
+                             read_floor_us=read / copy_rate * 1e6, copy_tb_s=copy_rate / 1e12))
         del q, k, v
     return rows
 
 
-def _generate_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
+def _generate_seconds(model, prompt: torch.Tensor, new_tokens: int, **generate_kwargs) -> float:
     if prompt.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **generate_kwargs)
     if prompt.is_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def _decode_seconds(model, prompt: torch.Tensor, steps: int = 16) -> float:
-    """Median seconds of one generated token at the prompt's context: a forward of one token on the cache."""
-    with torch.no_grad():
-        out = model(prompt, use_cache=True, logits_to_keep=1)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        times = []
-        for _ in range(steps):
-            if prompt.is_cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            out = model(token, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            if prompt.is_cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+class _TokenClock:
+    """A generate streamer that notes when each token reaches the host (generate hands it the prompt first)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, tokens) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _timed_generate(model, prompt: torch.Tensor, new_tokens: int, **generate_kwargs) -> tuple[float, float]:
+    """(time to first token in s, time per output token after it in s) of one greedy ``generate``."""
+    clock = _TokenClock()
+    if prompt.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock,
+                   **generate_kwargs)
+    first, last = clock.times[1], clock.times[-1]
+    return first - start, (last - first) / (len(clock.times) - 2)
 
 
 def model_rows(model, lengths: list[int], configs: dict) -> list[dict]:
-    """Time to first token (``generate`` of one token, best of two after a warm-up), time per output token
-    at that context, peak memory, per config and length."""
+    """Time to first token (``generate`` of one token, best of two after a warm-up) and peak memory, per
+    config and length."""
     rows = []
     device = model.device
     for name, fields in configs.items():
@@ -144,13 +163,93 @@ def model_rows(model, lengths: list[int], configs: dict) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats()
             first = min(_generate_seconds(model, prompt, 1) for _ in range(2))
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-            per_token = _decode_seconds(model, prompt)
-            rows.append(dict(config=name, length=length, ttft_s=first, tpot_ms=per_token * 1e3, peak_gib=peak,
-                             compiled_graphs=_compiled_graphs()))
-            print(f"  {name:28s} {length:>7d}: TTFT {first:.3f} s, TPOT {rows[-1]['tpot_ms']:.1f} ms, peak {peak:.1f} GiB",
-                  flush=True)
+            rows.append(dict(config=name, length=length, ttft_s=first, peak_gib=peak, compiled_graphs=_compiled_graphs()))
+            print(f"  {name:28s} {length:>7d}: TTFT {first:.3f} s, peak {peak:.1f} GiB", flush=True)
     if hasattr(model, "_swaa_patch"):
         swaa.unpatch_model(model)
+    return rows
+
+
+def decode_paths() -> dict[str, dict]:
+    """Every way to decode: unpatched eager and static + compiled, transformers' native sliding window
+    (every layer, static + compiled: the anchor for swaa's bounded layers), each SWAA config both ways."""
+    static = dict(cache_implementation="static")
+    paths = {"unpatched, eager": dict(fields=None, generate={}),
+             "unpatched, static + compiled": dict(fields=None, generate=static),
+             f"native sliding window {WINDOW}, static + compiled": dict(fields=None, generate=static, native=True)}
+    for name, fields in SWAA_CONFIGS.items():
+        paths[f"{name}, eager"] = dict(fields=fields, generate={})
+        paths[f"{name}, static + compiled"] = dict(fields=fields, generate=static)
+    return paths
+
+
+def _floor_seconds(model, path: dict, context: int, copy_rate: float) -> float:
+    """Bytes one decode step must read at least (weights, and the keys and values its token may see), over
+    the copy rate: no step can be faster."""
+    config = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    per_token = 2 * config.num_key_value_heads * config.head_dim * next(model.parameters()).element_size()
+    if path.get("native"):
+        seen = [min(context, config.sliding_window)] * config.num_hidden_layers
+    elif path["fields"] is None:
+        seen = [context] * config.num_hidden_layers
+    else:
+        rules = layer_rules(swaa.SWAAConfig(window=WINDOW, sink=SINK, **path["fields"]), config.num_hidden_layers)
+        seen = [min(context, SINK + WINDOW) if is_bounded(rule) else context for rule in rules]
+    return (weight_bytes + per_token * sum(seen)) / copy_rate
+
+
+def decode_rows(models: dict, lengths: list[int], paths: dict, new_tokens: int, copy_rate: float,
+                static_len: int) -> list[dict]:
+    """Time per output token of greedy ``generate`` at each context, per path, beside its floor. Static
+    caches hold ``static_len`` tokens (swaa and sliding-window layers read only what they may see, so one
+    size serves every length without recompiling), except the unpatched model's, sized per length as a user
+    would (its attention reads the whole cache). Each (path, length) runs once untimed first: compilation
+    and CUDA graph capture stay out of the timing."""
+    rows = []
+    for name, path in paths.items():
+        torch._dynamo.reset()  # each path compiles for itself: no shapes made dynamic by another path
+        model = models["native" if path.get("native") else "base"]
+        if path["fields"] is not None:
+            swaa.patch_model(model, window=WINDOW, sink=SINK, **path["fields"])
+        for length in lengths:
+            kwargs = dict(path["generate"])
+            if kwargs:  # one cache size for the untimed and the timed call: no recompilation in between
+                unpatched = path["fields"] is None and not path.get("native")
+                kwargs["max_cache_len"] = length + new_tokens + 1 if unpatched else static_len
+            prompt = torch.randint(1, model.config.vocab_size, (1, length), device=model.device)
+            _timed_generate(model, prompt, 3, **kwargs)  # compiles, captures, warms the allocator
+            ttft, tpot = _timed_generate(model, prompt, new_tokens + 1, **kwargs)
+            floor = _floor_seconds(model, path, length, copy_rate)
+            rows.append(dict(path=name, length=length, ttft_s=ttft, tpot_ms=tpot * 1e3, floor_ms=floor * 1e3,
+                             over_floor=tpot / floor, compiled_graphs=_compiled_graphs()))
+            print(f"  {name:45s} {length:>7d}: TPOT {tpot * 1e3:.2f} ms (floor {floor * 1e3:.2f}), TTFT {ttft:.2f} s",
+                  flush=True)
+        if path["fields"] is not None:
+            swaa.unpatch_model(model)
+    return rows
+
+
+def end_to_end_rows(models: dict, length: int, new_tokens: int, paths: dict, static_len: int) -> list[dict]:
+    """Total time of one greedy ``generate`` of ``new_tokens`` after a ``length``-token prompt, per path
+    (after an untimed run of the same call with 3 new tokens, which compiles what it compiles). Static
+    caches as in ``decode_rows``."""
+    rows = []
+    for name, path in paths.items():
+        torch._dynamo.reset()
+        model = models["native" if path.get("native") else "base"]
+        if path["fields"] is not None:
+            swaa.patch_model(model, window=WINDOW, sink=SINK, **path["fields"])
+        prompt = torch.randint(1, model.config.vocab_size, (1, length), device=model.device)
+        unpatched = path["fields"] is None and not path.get("native")
+        kwargs = dict(path["generate"], max_cache_len=length + new_tokens if unpatched else static_len) if path[
+            "generate"] else {}
+        _generate_seconds(model, prompt, 3, **kwargs)
+        seconds = _generate_seconds(model, prompt, new_tokens, **kwargs)
+        rows.append(dict(path=name, length=length, new_tokens=new_tokens, seconds=seconds))
+        print(f"  {name:45s} {length} + {new_tokens}: {seconds:.2f} s", flush=True)
+        if path["fields"] is not None:
+            swaa.unpatch_model(model)
     return rows
 
 
@@ -170,10 +269,9 @@ def markdown(rows: list[dict], columns: list[str]) -> str:
 
 
 def speedups(rows: list[dict]) -> list[dict]:
-    """Each SWAA config's TTFT and TPOT against full attention (sdpa) at the same length, same run."""
+    """Each SWAA config's TTFT and peak memory against full attention (sdpa) at the same length, same run."""
     full = {r["length"]: r for r in rows if r["config"] == "full attention (sdpa)"}
     return [dict(config=r["config"], length=r["length"], ttft_speedup=full[r["length"]]["ttft_s"] / r["ttft_s"],
-                 tpot_speedup=full[r["length"]]["tpot_ms"] / r["tpot_ms"],
                  memory_ratio=r["peak_gib"] / full[r["length"]]["peak_gib"])
             for r in rows if r["length"] in full and r["config"] != "full attention (sdpa)"]
 
@@ -197,13 +295,39 @@ def plot(ratios: list[dict], path: str) -> None:
     figure.savefig(path, dpi=120)
 
 
+def _native_sliding_window_model(base, window: int):
+    """The same model with transformers' own sliding window on every layer (same weights, no copy)."""
+    config = base.config.__class__(**{**base.config.to_dict(), "use_sliding_window": True, "sliding_window": window,
+                                      "max_window_layers": 0, "layer_types": None})
+    with torch.device(base.device):
+        native = base.__class__(config).to(base.dtype)
+    native.load_state_dict(base.state_dict(), assign=True)  # its own random weights are freed
+    native.tie_weights()
+    native.set_attn_implementation("sdpa")
+    return native.eval()
+
+
+def _select(paths: dict, wanted: list[str] | None) -> dict:
+    return {name: path for name, path in paths.items() if not wanted or any(w in name for w in wanted)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536, 131072],
+                        help="prompt lengths of the kernel and time-to-first-token tables")
     parser.add_argument("--out", default="bench.json", help="JSON results")
     parser.add_argument("--plot", default=None, help="PNG of the speed-up against context length")
-    parser.add_argument("--skip-kernels", action="store_true")
-    parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--skip-kernels", action="store_true", help="leave out the attention-kernel tables")
+    parser.add_argument("--skip-model", action="store_true", help="leave out the time-to-first-token table")
+    parser.add_argument("--decode", type=int, nargs="*", default=None, metavar="LENGTH",
+                        help="time per output token at these context lengths (no value: 4096 32768 131072)")
+    parser.add_argument("--paths", nargs="+", default=None, metavar="TEXT",
+                        help="decode paths whose name contains one of these (default: all)")
+    parser.add_argument("--e2e-paths", nargs="+", default=None, metavar="TEXT",
+                        help="end-to-end paths whose name contains one of these (default: all)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens timed per decode measurement")
+    parser.add_argument("--e2e", type=int, nargs=2, default=None, metavar=("PROMPT", "NEW"),
+                        help="total generate time for a PROMPT-token prompt and NEW new tokens (e.g. 131072 512)")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, for tests")
     args = parser.parse_args(argv)
 
@@ -211,12 +335,12 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
-    if not args.skip_model:
-        with torch.device(device):
-            model = Qwen3ForCausalLM(Qwen3Config(**(TINY if args.smoke else QWEN3_4B))).to(dtype).eval()
-        model.set_attn_implementation("sdpa")
+    with torch.device(device):
+        model = Qwen3ForCausalLM(Qwen3Config(**(TINY if args.smoke else QWEN3_4B))).to(dtype).eval()
+    model.set_attn_implementation("sdpa")
     configs = {"full attention (sdpa)": None, **SWAA_CONFIGS}
     lengths = [64, 160] if args.smoke else args.lengths
+    decode_lengths = ([96] if args.smoke else [4096, 32768, 131072]) if args.decode == [] else args.decode or []
     result = dict(
         date=datetime.date.today().isoformat(),
         gpu=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
@@ -225,17 +349,32 @@ def main(argv: list[str] | None = None) -> dict:
     )
     result["model"] = [] if args.skip_model else model_rows(model, lengths, configs)
     result["speedups"] = speedups(result["model"])
+    paths = _select(decode_paths(), args.paths) if decode_lengths else {}
+    e2e_paths = _select(decode_paths(), args.e2e_paths) if args.e2e else {}
+    models = {"base": model}
+    if any(path.get("native") for path in [*paths.values(), *e2e_paths.values()]):
+        models["native"] = _native_sliding_window_model(model, WINDOW)
+    static_len = max([length + args.new_tokens + 1 for length in decode_lengths] + [sum(args.e2e or [0])])
+    result["copy_tb_s"] = (copy_bandwidth() if cuda else float("nan")) / 1e12
+    result["decode"] = decode_rows(models, decode_lengths, paths, args.new_tokens, result["copy_tb_s"] * 1e12,
+                                   static_len) if paths else []
+    result["end_to_end"] = end_to_end_rows(models, *args.e2e, e2e_paths, static_len) if e2e_paths else []
     with open(args.out, "w") as file:
         json.dump(result, file, indent=1)
-    if args.plot:
+    if args.plot and result["speedups"]:
         plot(result["speedups"], args.plot)
     print(f"\n{result['gpu']}, torch {result['torch']}, transformers {result['transformers']}, {result['date']}")
     if result["kernels"]:
         print(markdown([r for r in result["kernels"] if "tflops" in r], ["length", "kernel", "ms", "tflops"]))
         print(markdown([r for r in result["kernels"] if "us" in r], ["length", "kernel", "us", "read_floor_us"]))
     if result["model"]:
-        print(markdown(result["model"], ["config", "length", "ttft_s", "tpot_ms", "peak_gib", "compiled_graphs"]))
-        print(markdown(result["speedups"], ["config", "length", "ttft_speedup", "tpot_speedup", "memory_ratio"]))
+        print(markdown(result["model"], ["config", "length", "ttft_s", "peak_gib", "compiled_graphs"]))
+        print(markdown(result["speedups"], ["config", "length", "ttft_speedup", "memory_ratio"]))
+    if result["decode"]:
+        print(markdown(result["decode"], ["path", "length", "tpot_ms", "floor_ms", "over_floor", "ttft_s",
+                                          "compiled_graphs"]))
+    if result["end_to_end"]:
+        print(markdown(result["end_to_end"], ["path", "length", "new_tokens", "seconds"]))
     return result
 
 

@@ -1,32 +1,35 @@
-"""KV caches for patched models.
+"""KV caches for patched models: dynamic (grows) and static (fixed size, for compiled decoding).
 
-A patched model gets a cache that keeps every token in full-attention layers and FA-decode layers, whatever
-sliding window its own config declares (Mistral-style configs would otherwise drop keys that FA decode
-still needs). A layer that uses SWA for every token (``rule.window`` set, ``rule.fa_decode`` off) never
-looks at a key older than its window again, except the sinks: with ``bounded_cache`` on (the default) its
-cache layer keeps only the sinks and the last ``window - 1`` keys, what the next query can still see.
+A patched model's cache keeps every token in full-attention layers and FA-decode layers, whatever sliding
+window its own config declares (Mistral-style configs would otherwise drop keys that FA decode still
+needs). A layer that uses SWA for every token (``rule.window`` set, ``rule.fa_decode`` off) never looks at
+a key older than its window again, except the sinks: with ``bounded_cache`` on (the default) such a layer
+is a ``RingLayer`` of fixed size, ``sink`` slots for the sinks plus a ring of ``window - 1`` slots for the
+latest keys, whatever the context length.
 
-Which keys a bounded layer keeps depends on positions (sinks are the first ``sink`` *real* tokens of each
-row, so under left padding they sit at different cache indices per row). A bounded layer therefore records
-the position of every key it holds: ``positions`` (batch, kept) int64, ``-1`` for an empty slot. Before each
-forward the patch hands the cache the positions of the incoming tokens (``begin_forward``); each bounded
-layer appends them, returns every key the forward's queries need (kept + incoming) and keeps only what a
-later query can see. The attention call then builds that layer's layout from ``key_positions(layer)``.
+Sinks are the first ``sink`` *real* tokens of each row, so under left padding the slots a token goes to
+depend on its position: ``RingSlots`` keeps the position held by every slot (``-1``: empty), shared by the
+cache's ring layers (they all have the config's one window and sink). Before each forward the patch hands
+the cache the layout of the incoming tokens (``begin_forward``); the ring works out, with tensor operations
+only (no host sync, fixed shapes), which slot each incoming key goes to, and each ring layer hands its
+attention the held keys followed by the incoming ones. ``layout_for`` gives the attention call the
+positions of exactly those keys.
 
-Kept keys stay in order; empty slots (rows that hold fewer keys than others) come first in the row, like
-left padding. ``get_seq_length`` keeps counting every token seen, so RoPE positions stay absolute.
+Per-call state lives on the cache, never on the model: the cache index where ``generate``'s generated
+tokens start (``set_prompt_end``) is a tensor on the cache, so two threads or a copied model each keep
+their own, and a compiled decode step reads it without recompiling for every prompt length.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer
 
 from .layout import Layout
-from .rules import LayerRule
+from .rules import LayerRule, window_start
+
+PROMPT_END = "swaa_prompt_end"  # attribute of a cache inside generate: cache index where generated tokens start
 
 
 def is_bounded(rule: LayerRule) -> bool:
@@ -35,226 +38,296 @@ def is_bounded(rule: LayerRule) -> bool:
 
 
 def new_cache(rules: tuple[LayerRule, ...], bounded: bool = True) -> DynamicCache:
-    """An empty cache for a model patched with ``rules``: a ``SWAACache`` when ``bounded`` and some layer
-    is bounded (see ``is_bounded``), else a plain ``DynamicCache`` that keeps every token."""
+    """An empty dynamic cache for a model patched with ``rules``: a ``SWAACache`` when ``bounded`` and some
+    layer is bounded (see ``is_bounded``), else a plain ``DynamicCache`` that keeps every token."""
     if bounded and any(is_bounded(rule) for rule in rules):
         return SWAACache(rules)
     return DynamicCache()
 
 
-class _Shared:
-    """State shared by the bounded layers of one cache: the incoming tokens' positions for the current
-    forward, and a memo so that layers in the same state derive the same position tensors once (and the
-    layouts built from them are shared too)."""
-
-    def __init__(self):
-        self.incoming: torch.Tensor | None = None  # (batch, q_len) int64, -1 for padding
-        self.packed = False
-        self.forward = 0  # counts begin_forward calls
-        self.memo: dict = {}
-
-    def derive(self, op: tuple, inputs: tuple, compute: Callable):
-        """``compute()`` memoized on ``op`` and the identity of the tensors in ``inputs``."""
-        key = op + tuple(id(t) for t in inputs)
-        hit = self.memo.get(key)
-        if hit is not None and all(a is b for a, b in zip(hit[0], inputs)):
-            return hit[1]
-        result = compute()
-        self.memo[key] = (inputs, result)  # holds the inputs, so their ids cannot be reused meanwhile
-        return result
+def set_prompt_end(cache: Cache, prompt_end: int, device: torch.device) -> None:
+    """Record, on ``cache``, where ``generate``'s generated tokens start (in place where one is recorded
+    already, so a compiled step that read it keeps reading the same tensor)."""
+    held = getattr(cache, PROMPT_END, None)
+    if isinstance(held, torch.Tensor) and held.device == torch.device(device):
+        held.fill_(prompt_end)
+        return
+    value = torch.tensor(prompt_end, device=device)
+    if cache.is_compileable:
+        torch._dynamo.mark_static_address(value)
+    setattr(cache, PROMPT_END, value)
 
 
-def _trim(kept: torch.Tensor, incoming: torch.Tensor, window: int, sink: int):
-    """Positions of a forward's keys (kept + incoming) and what to keep of them for later queries.
+def clear_prompt_end(cache: Cache) -> None:
+    """After ``generate``: bare forwards on the cache follow the bare-forward rule again."""
+    if getattr(cache, PROMPT_END, None) is not None:
+        setattr(cache, PROMPT_END, None)
 
-    Returns ``(positions, kept_positions, index, dropped)``: positions (batch, n) of the keys the forward
-    sees; ``index`` (batch, width) selects the keys to keep (``None``: keep all) and ``kept_positions``
-    their positions, ``-1`` in empty slots (first in the row); ``dropped``: a real key was dropped.
-    A later query of a row sits past the row's last position ``last``, so it sees ``j`` only when
-    ``j >= last - window + 2`` (the last ``window - 1`` positions) or ``j < sink``.
+
+def prompt_end(cache: Cache | None) -> torch.Tensor | None:
+    return getattr(cache, PROMPT_END, None)
+
+
+def check_cache(cache: object) -> None:
+    """Raise unless swaa can run exactly on ``cache``: its own caches, or a transformers ``DynamicCache`` /
+    ``StaticCache`` whose layers keep every token (no sliding-window, offloaded or quantized layers)."""
+    if isinstance(cache, (SWAACache, SWAAStaticCache)):
+        return
+    if not isinstance(cache, Cache):
+        raise TypeError(f"past_key_values must be a transformers Cache, got {type(cache).__name__}")
+    kinds = {type(layer) for layer in cache.layers}
+    if type(cache) in (DynamicCache, StaticCache) and kinds <= {DynamicLayer, StaticLayer} and not cache.offloading:
+        return
+    names = sorted({kind.__name__ for kind in kinds})
+    raise ValueError(
+        f"past_key_values={type(cache).__name__} with layers {names}: swaa runs on its own caches or on a"
+        " DynamicCache / StaticCache whose layers keep every token; drop past_key_values (generate then makes"
+        " swaa's cache) or pass cache_implementation='static'"
+    )
+
+
+def key_slots(cache: Cache | None, past_len) -> int | None:
+    """Key slots a full layer of ``cache`` hands to attention when it is a static cache whose length so far
+    is a tensor (its fixed size); ``None`` when that is the tokens seen plus the new ones."""
+    if cache is None or not cache.is_compileable or not isinstance(past_len, torch.Tensor):
+        return None
+    return cache.get_max_length()
+
+
+class RingSlots:
+    """Which position each slot of the cache's ring layers holds, shared by those layers.
+
+    Slots ``[0, sink)`` hold the sinks (position ``p < sink`` in slot ``p``); slots ``[sink, sink + window - 1)``
+    are a ring holding the latest ``window - 1`` positions (position ``p`` in slot ``sink + (p - sink) %
+    (window - 1)``); one more slot at the end takes the incoming keys no later query can see, and is never
+    read. positions: (batch, slots + 1) int64, ``-1`` for an empty slot.
     """
-    positions = torch.cat([kept, incoming.to(kept.device)], dim=-1)
-    last = positions.max(-1, keepdim=True).values
-    keep = (positions >= 0) & ((positions < sink) | (positions > last - window + 1))
-    n = positions.shape[-1]
-    if n == 0:
-        return positions, positions, None, False
-    width, dropped = torch.stack([keep.sum(-1).max(), ((positions >= 0) & ~keep).any()]).tolist()  # one sync
-    if width == n:
-        return positions, positions, None, False
-    order = torch.sort(keep.to(torch.uint8), dim=-1, stable=True).indices  # dropped first, kept last, in order
-    index = order[:, n - width :]
-    kept_positions = positions.gather(-1, index).masked_fill(~keep.gather(-1, index), -1)
-    return positions, kept_positions, index, bool(dropped)
+
+    def __init__(self, rule: LayerRule, static: bool):
+        self.rule, self.static = rule, static
+        self.slots = rule.sink + rule.window - 1
+        self.positions: torch.Tensor | None = None
+        self.write_index: torch.Tensor | None = None  # (batch, q_len): slot of each incoming key, this forward
+        self.layout: Layout | None = None  # this forward's queries against the held + incoming keys
+        self.pending: set[int] = set()  # ring layers that have not stored this forward's keys yet
+
+    def allocate(self, batch_size: int, device: torch.device) -> None:
+        self.positions = torch.full((batch_size, self.slots + 1), -1, dtype=torch.long, device=device)
+        if self.static and not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.positions)
+
+    def begin_forward(self, layout: Layout, layers: set[int]) -> None:
+        """Work out where each incoming key goes, and the layout over held + incoming keys."""
+        if layout.query_seq is not None:
+            raise ValueError(
+                "swaa's bounded KV cache cannot hold packed sequences (positions restart inside a row); run packed"
+                " batches without a cache (use_cache=False) or patch with bounded_cache=False"
+            )
+        incoming = layout.query_pos
+        if self.positions is None:
+            self.allocate(incoming.shape[0], incoming.device)
+        held = self.positions[:, : self.slots]
+        self.layout = layout.with_keys(torch.cat([held, incoming], dim=-1))
+        # the row's latest position (the scratch slot only ever holds positions seen before, never later ones)
+        last = torch.maximum(self.positions.amax(-1, keepdim=True), incoming.amax(-1, keepdim=True))
+        rule, ring = self.rule, self.rule.window - 1
+        later = (incoming >= 0) & ((incoming < rule.sink) | (incoming >= window_start(rule, last + 1)))
+        slot = torch.where(incoming < rule.sink, incoming, rule.sink + (incoming - rule.sink) % max(ring, 1))
+        self.write_index = torch.where(later, slot, self.slots)
+        self.positions.scatter_(1, self.write_index, incoming)
+        self.pending = set(layers)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.positions is not None:
+            self.positions.copy_(self.positions.index_select(0, index.to(self.positions.device)))
+
+    def select(self, indices) -> None:
+        if self.positions is not None:
+            self.positions = self.positions[indices]
+
+    def repeat(self, repeats: int) -> None:
+        if self.positions is not None:
+            self.positions = self.positions.repeat_interleave(repeats, dim=0)
 
 
-class BoundedLayer(DynamicLayer):
-    """Cache layer of an SWA layer without FA decode: keeps the sinks and the last ``window - 1`` keys.
-
-    keys, values: (batch, kv_heads, kept, head_dim); positions: (batch, kept) int64, the real-token position
-    of each kept key, ``-1`` for an empty slot. Modelled on transformers' ``DynamicSlidingWindowLayer``.
+class RingLayer(CacheLayerMixin):
+    """Cache layer of an SWA layer without FA decode: keeps the sinks and the last ``window - 1`` keys in
+    fixed slots (see ``RingSlots``). keys, values: (batch, kv_heads, slots + 1, head_dim); their last slot is
+    scratch. Hands attention the held keys followed by the incoming ones: (batch, kv_heads, slots + q_len, d).
     """
 
     is_sliding = True
-    is_croppable = False  # once keys are dropped, a rollback cannot bring them back
+    is_croppable = False  # the ring overwrites old keys: a rollback cannot bring them back
 
-    def __init__(self, window: int, sink: int = 0, shared: _Shared | None = None):
+    def __init__(self, ring: RingSlots, layer_idx: int, max_cache_len: int | None = None):
         super().__init__()
-        self.window, self.sink = window, sink
-        self.shared = shared if shared is not None else _Shared()
-        self.cumulative_length = 0
-        self.positions: torch.Tensor | None = None
-        self.forward_positions: torch.Tensor | None = None  # (batch, n): keys handed out by the last update
-        self.dropped = False  # a real key was dropped: crop can no longer be exact
-        self.broken: str | None = None  # why this layer cannot be extended any more
-        self._forward = -1
+        self.ring, self.layer_idx = ring, layer_idx
+        self.max_cache_len = max_cache_len
+        self.is_compileable = ring.static
+        self.cumulative_length = torch.tensor(0) if ring.static else 0  # tokens seen: what RoPE counts from
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
-        self.positions = torch.empty(key_states.shape[0], 0, dtype=torch.long, device=self.device)
+        batch, heads = key_states.shape[:2]
+        size = self.ring.slots + 1
+        self.keys = torch.zeros(batch, heads, size, key_states.shape[-1], dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(batch, heads, size, value_states.shape[-1], dtype=self.dtype, device=self.device)
+        if self.ring.static:
+            self.cumulative_length = self.cumulative_length.to(self.device)
+            if not torch.compiler.is_compiling():
+                for tensor in (self.keys, self.values, self.cumulative_length):
+                    torch._dynamo.mark_static_address(tensor)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append the new keys/values; return every key the forward's queries need (kept + new), and keep
-        only those a later query can see. Needs ``begin_forward`` first (the patched model calls it)."""
-        if self.broken:
-            raise RuntimeError(self.broken)
-        shared = self.shared
-        if shared.incoming is None or self._forward == shared.forward:
+        """Return the held keys/values followed by the new ones; store the new ones a later query can see."""
+        if self.layer_idx not in self.ring.pending:
             raise RuntimeError(
                 "swaa's bounded KV cache was updated without the incoming tokens' positions: use it only with"
                 " the model patched by swaa that created it (or patch with bounded_cache=False)"
             )
-        new = (key_states.shape[0], key_states.shape[-2])
-        if tuple(shared.incoming.shape) != new:
-            raise RuntimeError(
-                f"swaa's bounded KV cache got {new} (batch, new tokens) but the forward announced"
-                f" {tuple(shared.incoming.shape)}"
-            )
+        self.ring.pending.discard(self.layer_idx)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._forward = shared.forward
-        self.cumulative_length += key_states.shape[-2]
-        keys = torch.cat([self.keys, key_states], dim=-2)
-        values = torch.cat([self.values, value_states], dim=-2)
-        if shared.packed:  # packed sequences restart positions: keep everything, use the forward's layout
-            self.keys, self.values, self.forward_positions = keys, values, None
-            self.broken = "this swaa cache was filled by a forward over packed sequences and cannot be extended"
-            return keys, values
-        positions, kept, index, dropped = shared.derive(
-            ("update", self.window, self.sink), (self.positions, shared.incoming),
-            lambda: _trim(self.positions, shared.incoming, self.window, self.sink),
-        )
-        self.forward_positions = positions
-        if index is None:
-            self.keys, self.values, self.positions = keys, values, positions
+        slots = self.ring.slots
+        keys = torch.cat([self.keys[:, :, :slots], key_states], dim=-2)
+        values = torch.cat([self.values[:, :, :slots], value_states], dim=-2)
+        index = self.ring.write_index.to(self.device)[:, None, :, None]
+        self.keys.scatter_(2, index.expand(-1, key_states.shape[1], -1, key_states.shape[-1]), key_states)
+        self.values.scatter_(2, index.expand(-1, value_states.shape[1], -1, value_states.shape[-1]), value_states)
+        if self.ring.static:
+            self.cumulative_length.add_(key_states.shape[-2])
         else:
-            gather = index[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
-            self.keys, self.values, self.positions = keys.gather(-2, gather), values.gather(-2, gather), kept
-            self.dropped = self.dropped or dropped
+            self.cumulative_length += key_states.shape[-2]
         return keys, values
 
-    def get_seq_length(self) -> int:
-        """Tokens seen so far (not the number kept): what RoPE positions and generate count from."""
-        return self.cumulative_length
+    def get_seq_length(self):
+        """Tokens seen so far (not the number held): what RoPE positions and generate count from."""
+        return self.cumulative_length if self.is_initialized or not self.ring.static else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        kept = 0 if self.keys is None else self.keys.shape[-2]
-        return kept + query_length, max(self.cumulative_length - kept, 0)
+        """The padding mask covers what a full layer of the same cache covers."""
+        if self.ring.static:
+            return self.max_cache_len, 0
+        return self.cumulative_length + query_length, 0
 
     def get_max_length(self) -> int:
-        return -1
+        return self.max_cache_len if self.ring.static else -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.positions = self.forward_positions = None
-        self.is_initialized = self.dropped = False
-        self.broken = None
-        self.cumulative_length = 0
-        self._forward = -1
+        if self.is_initialized:
+            self.keys.zero_()
+            self.values.zero_()
+        if self.ring.static:
+            self.cumulative_length.zero_()
+        else:
+            self.keys = self.values = None
+            self.is_initialized = False
+            self.cumulative_length = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
-            super().reorder_cache(beam_idx)
-            self.positions = self._select("reorder", beam_idx, lambda: self.positions.index_select(0, beam_idx.to(self.device)))
+            index = beam_idx.to(self.device)
+            self.keys.copy_(self.keys.index_select(0, index))
+            self.values.copy_(self.values.index_select(0, index))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
             self.keys = self.keys.repeat_interleave(repeats, dim=0)
             self.values = self.values.repeat_interleave(repeats, dim=0)
-            self.positions = self.shared.derive(
-                ("repeat", repeats), (self.positions,), lambda: self.positions.repeat_interleave(repeats, dim=0)
-            )
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             self.keys, self.values = self.keys[indices, ...], self.values[indices, ...]
-            self.positions = self._select("select", indices, lambda: self.positions[indices])
-
-    def _select(self, op: str, indices, compute):
-        inputs = (self.positions, indices) if isinstance(indices, torch.Tensor) else (self.positions,)
-        extra = () if isinstance(indices, torch.Tensor) else (tuple(indices),)
-        return self.shared.derive((op, *extra), inputs, compute)
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last ``-tokens_to_remove`` tokens. Exact only while this layer has dropped no key;
-        after that the keys a rollback would need again are gone, and the next update raises."""
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop({tokens_to_remove}): pass a negative number, the tokens to remove")
-        if tokens_to_remove == 0 or not self.is_initialized:
-            return
-        if self.dropped:
-            self.broken = (
-                f"the cache was cropped by {-tokens_to_remove} tokens (assisted decoding or a rollback) after"
-                f" its SWA layers dropped keys older than window={self.window}; the keys the rolled-back"
-                " positions need again are gone. Patch with bounded_cache=False to roll back exactly"
+        if tokens_to_remove:
+            raise ValueError(
+                f"crop({tokens_to_remove}): swaa's bounded KV cache overwrites keys older than the window, so it"
+                " cannot roll back; patch with bounded_cache=False to roll back exactly"
             )
-            self.cumulative_length = max(self.cumulative_length + tokens_to_remove, 0)
-            return
-        self.keys = self.keys[..., :tokens_to_remove, :]
-        self.values = self.values[..., :tokens_to_remove, :]
-        self.positions = self.shared.derive(("crop", tokens_to_remove), (self.positions,),
-                                            lambda: self.positions[:, :tokens_to_remove])
-        self.cumulative_length = max(self.cumulative_length + tokens_to_remove, 0)
 
 
-class SWAACache(DynamicCache):
-    """``DynamicCache`` whose bounded layers (SWA for every token) keep only their sinks and window.
+class _SWAACacheMixin:
+    """What swaa's two caches share: the ring of their bounded layers and the per-forward hand-off."""
 
-    Full-attention and FA-decode layers are plain ``DynamicLayer``s. Before each forward the patched
-    model calls ``begin_forward(layout)``; the attention call reads ``key_positions(layer)``.
-    """
+    rules: tuple[LayerRule, ...]
+    ring: RingSlots | None
 
-    def __init__(self, rules: tuple[LayerRule, ...]):
+    def _layers(self, rules, bounded: bool, static: bool, max_cache_len: int | None, other) -> list:
         self.rules = tuple(rules)
-        self.shared = _Shared()
-        layers = [BoundedLayer(rule.window, rule.sink, self.shared) if is_bounded(rule) else DynamicLayer()
-                  for rule in self.rules]
-        Cache.__init__(self, layers=layers)
+        windows = {(rule.window, rule.sink) for rule in self.rules if is_bounded(rule)}
+        if len(windows) > 1:
+            raise ValueError(f"swaa's cache holds one window and sink for its bounded layers, got {sorted(windows)}")
+        rule = next((rule for rule in self.rules if is_bounded(rule)), None)
+        fits = rule is not None and (max_cache_len is None or rule.sink + rule.window - 1 < max_cache_len)
+        self.ring = RingSlots(rule, static) if bounded and fits else None
+        return [RingLayer(self.ring, index, max_cache_len) if self.ring and is_bounded(r) else other()
+                for index, r in enumerate(self.rules)]
 
     def begin_forward(self, layout: Layout) -> None:
-        """Record the positions of the tokens this forward adds: ``layout.query_pos`` (batch, q_len)."""
-        self.shared.incoming = layout.query_pos
-        self.shared.packed = layout.query_seq is not None
-        self.shared.forward += 1
-        self.shared.memo.clear()
+        """Before each forward of the patched model: where the incoming tokens sit (``layout.query_pos``)."""
+        if self.ring is not None:
+            rings = {layer.layer_idx for layer in self.layers if isinstance(layer, RingLayer)}
+            self.ring.begin_forward(layout, rings)
 
-    def key_positions(self, layer_idx: int) -> torch.Tensor | None:
-        """(batch, n) positions of the keys that layer ``layer_idx`` handed to this forward's attention,
-        or ``None`` when they are the forward layout's own (a layer that keeps every token)."""
-        layer = self.layers[layer_idx]
-        if isinstance(layer, BoundedLayer) and layer._forward == self.shared.forward:
-            return layer.forward_positions
+    def layout_for(self, layer_idx: int) -> Layout | None:
+        """The layout of the keys layer ``layer_idx`` hands to this forward's attention when it is not the
+        forward's own (a ring layer: held + incoming keys); ``None`` otherwise."""
+        if self.ring is not None and isinstance(self.layers[layer_idx], RingLayer):
+            return self.ring.layout
         return None
 
     def stored_lengths(self) -> list[int]:
-        """Keys each layer holds now (per row, the widest row): what the memory test and benchmark read."""
-        return [0 if layer.keys is None or not layer.is_initialized else layer.keys.shape[-2] for layer in self.layers]
+        """Key slots each layer holds (ring layers: sinks + window - 1): what the memory benchmark reads."""
+        return [self.ring.slots if isinstance(layer, RingLayer) else
+                (0 if layer.keys is None or not layer.is_initialized else layer.keys.shape[-2])
+                for layer in self.layers]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.ring is not None:
+            self.ring.reorder(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.ring is not None:
+            self.ring.select(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.ring is not None:
+            self.ring.repeat(repeats)
 
     def reset(self) -> None:
         super().reset()
-        self.shared.incoming = None
-        self.shared.memo.clear()
+        if self.ring is not None and self.ring.positions is not None:
+            self.ring.positions.fill_(-1)
+
+
+class SWAACache(_SWAACacheMixin, DynamicCache):
+    """Dynamic cache of a patched model: full-attention and FA-decode layers grow (``DynamicLayer``), bounded
+    layers are fixed rings (``RingLayer``)."""
+
+    def __init__(self, rules: tuple[LayerRule, ...]):
+        Cache.__init__(self, layers=self._layers(rules, True, False, None, DynamicLayer))
 
     def __iter__(self):
         raise NotImplementedError("swaa's bounded KV cache cannot be flattened into per-layer tensors (DDP)")
+
+
+class SWAAStaticCache(_SWAACacheMixin, StaticCache):
+    """Static cache of a patched model, for ``generate(cache_implementation="static")`` and compiled decoding:
+    full-attention and FA-decode layers are fixed layers of ``max_cache_len`` slots (``StaticLayer``), bounded
+    layers (with ``bounded``) fixed rings of ``sink + window - 1`` slots; every shape is fixed and every
+    update in place, so a decode step can be captured in a CUDA graph."""
+
+    def __init__(self, rules: tuple[LayerRule, ...], max_cache_len: int, bounded: bool = True):
+        Cache.__init__(self, layers=self._layers(
+            rules, bounded, True, max_cache_len, lambda: StaticLayer(max_cache_len=max_cache_len)))
+
+    def early_initialization(self, batch_size: int, num_heads, head_dim, dtype: torch.dtype,
+                             device: torch.device) -> None:
+        super().early_initialization(batch_size, num_heads, head_dim, dtype, device)
+        if self.ring is not None:
+            self.ring.allocate(batch_size, torch.device(device))

@@ -3,26 +3,38 @@
 What a patch does to one model instance, and unpatch undoes:
 - its configs' ``_attn_implementation`` becomes "swaa" (registered with transformers' AttentionInterface);
 - a forward pre-hook on the decoder builds the call's layout and passes it to every layer as a kwarg;
-- ``generate`` is wrapped so that the tokens handed to it count as prompt, the rest as generated;
+- ``generate`` is wrapped so that the tokens handed to it count as prompt, the rest as generated, and the
+  cache ``generate`` makes (dynamic or static) is swaa's, which records that boundary per call;
 - ``model.config.swaa`` holds the config, so ``save_pretrained`` keeps it.
 Weights are never touched.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import inspect
 import logging
+import types
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers import AttentionInterface, DynamicCache, GenerationConfig, PreTrainedModel
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.masking_utils import AttentionMaskInterface
 
 from . import backends
-from .attention import ATTENTION_NAME, CONTEXT_KWARG, SWAAContext, no_mask, swaa_attention
-from .cache import SWAACache, new_cache
+from .attention import ATTENTION_NAME, CONTEXT_KWARG, SWAAContext, padding_mask, swaa_attention
+from .cache import (
+    SWAACache,
+    SWAAStaticCache,
+    check_cache,
+    clear_prompt_end,
+    key_slots,
+    new_cache,
+    prompt_end,
+    set_prompt_end,
+)
 from .config import SWAAConfig
 from .layout import Layout
 from .rules import LayerRule, describe_rules, layer_rules
@@ -30,6 +42,12 @@ from .rules import LayerRule, describe_rules, layer_rules
 logger = logging.getLogger("swaa")
 
 PROMPT_LEN_KWARG = "prompt_len"
+# Inside a generate call (this thread's, this task's): the cache index where generated tokens start, from the
+# generate wrapper to the cache that call makes. A context variable, so concurrent calls never see each other's.
+_GENERATE_PROMPT_END = contextvars.ContextVar("swaa_generate_prompt_end", default=None)
+CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")  # what swaa's caches honour exactly
+# The generation methods swaa puts on a patched instance (bound to it, so a deep copy binds them to the copy).
+_METHODS = ("generate", "_prepare_cache_for_generation", "_prepare_static_cache")
 LABELS_KWARG = "swaa_labels"  # labels handed from the LM head's forward down to the decoder's hook
 _STATE = "_swaa_patch"
 _MISSING = object()
@@ -44,7 +62,6 @@ class _PatchState:
     hooks: list
     attn_implementations: list  # (config object, its implementation before the patch)
     saved_swaa: object  # model.config.swaa before the patch, or _MISSING
-    prompt_end: int | None = None  # inside generate: cache index where generated tokens start
 
 
 def _transformers_model(model) -> PreTrainedModel:
@@ -122,7 +139,7 @@ def patch_model(model, config: SWAAConfig | dict | None = None, **fields):
         unpatch_model(target)
 
     AttentionInterface.register(ATTENTION_NAME, swaa_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, no_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, padding_mask)
     configs = {id(m.config): m.config for m in target.modules() if isinstance(m, PreTrainedModel)}
     state = _PatchState(
         config=config,
@@ -140,7 +157,8 @@ def patch_model(model, config: SWAAConfig | dict | None = None, **fields):
         decoder.register_forward_pre_hook(functools.partial(_before_forward, state), with_kwargs=True)
     )
     state.hooks.append(decoder.register_forward_hook(functools.partial(_after_forward, state), with_kwargs=True))
-    target.generate = _generate_with_boundary(state, target, target.generate)
+    for name, method in zip(_METHODS, (_generate, _prepare_cache_for_generation, _prepare_static_cache)):
+        setattr(target, name, types.MethodType(method, target))
     target.config.swaa = config.to_dict()
     setattr(target, _STATE, state)
     logger.info("swaa: patched %s (%d layers)\n%s", type(target).__name__, num_layers, describe_rules(rules))
@@ -157,7 +175,8 @@ def unpatch_model(model):
         hook.remove()
     for model_config, implementation in state.attn_implementations:
         model_config._attn_implementation_internal = implementation
-    del target.generate
+    for name in _METHODS:
+        delattr(target, name)
     if state.saved_swaa is _MISSING:
         del target.config.swaa
     else:
@@ -185,24 +204,62 @@ def _prompt_end(args: tuple, kwargs: dict) -> int:
     return 1  # generate starts from a single BOS token
 
 
-def _generate_with_boundary(state: _PatchState, model: PreTrainedModel, generate):
-    """Wrap generate: mark where generated tokens start, and give it swaa's cache (bounded where exact)."""
+def _generate(model: PreTrainedModel, *args, **kwargs):
+    """``generate`` of a patched model: the tokens handed in are prompt, the ones it produces are generated.
+    The boundary goes to the cache ``generate`` uses (see ``_prepare_cache_for_generation``), never onto the
+    model, so concurrent calls and copies of the model each keep their own."""
+    config = kwargs.get("generation_config") or model.generation_config
+    implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+    if implementation not in CACHE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"cache_implementation={implementation!r}: swaa runs exactly on {CACHE_IMPLEMENTATIONS[1:]} (or None,"
+            " the default dynamic cache); offloaded, quantized, paged and model-specific caches are not supported"
+        )
+    token = _GENERATE_PROMPT_END.set(_prompt_end(args, kwargs))
+    output = None
+    try:
+        output = type(model).generate(model, *args, **kwargs)
+        return output
+    finally:
+        _GENERATE_PROMPT_END.reset(token)
+        for cache in (kwargs.get("past_key_values"), getattr(output, "past_key_values", None)):
+            if cache is not None:
+                clear_prompt_end(cache)  # later bare forwards on a returned cache follow the bare-forward rule
 
-    @functools.wraps(generate)
-    def generate_swaa(*args, **kwargs):
-        config = kwargs.get("generation_config") or model.generation_config
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", config.use_cache):
-            # assisted decoding rolls the cache back (crop), which a bounded cache cannot do exactly
-            assisted = any(kwargs.get(name) is not None or getattr(config, name, None) is not None
-                           for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"))
-            kwargs["past_key_values"] = new_cache(state.rules, state.config.bounded_cache and not assisted)
-        outer, state.prompt_end = state.prompt_end, _prompt_end(args, kwargs)
-        try:
-            return generate(*args, **kwargs)
-        finally:
-            state.prompt_end = outer
 
-    return generate_swaa
+def _prepare_cache_for_generation(model: PreTrainedModel, generation_config: GenerationConfig, model_kwargs: dict,
+                                  generation_mode, *args):
+    """transformers makes the cache for ``generate`` here: make it swaa's, and record the prompt boundary on it.
+    A dynamic cache is swaa's (bounded where exact; never for assisted decoding, which rolls it back); a
+    static one comes from ``_prepare_static_cache``; one passed by the user is checked."""
+    boundary = _GENERATE_PROMPT_END.get()
+    type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, generation_mode, *args)
+    cache = model_kwargs.get("past_key_values")
+    if cache is None:  # use_cache=False: each forward reads the whole sequence; say where answers start
+        mask = model_kwargs.get("attention_mask")
+        model_kwargs[PROMPT_LEN_KWARG] = boundary if mask is None else mask[:, :boundary].sum(-1)
+        return
+    if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+        state: _PatchState = getattr(model, _STATE)
+        rolls_back = generation_mode == GenerationMode.ASSISTED_GENERATION or getattr(
+            generation_config, "is_assistant", False)
+        cache = model_kwargs["past_key_values"] = new_cache(state.rules, state.config.bounded_cache and not rolls_back)
+    check_cache(cache)
+    if boundary is not None:
+        set_prompt_end(cache, boundary, model.device)
+
+
+def _prepare_static_cache(model: PreTrainedModel, cache_implementation: str, batch_size: int, max_cache_len: int,
+                          prefill_chunk_size: int | None, model_kwargs: dict):
+    """``cache_implementation="static"``: swaa's static cache, sized as transformers sizes its own (at least the
+    largest size asked for so far, so that a compiled step is reused across calls)."""
+    state: _PatchState = getattr(model, _STATE)
+    max_cache_len = max(max_cache_len, getattr(model, "_previous_max_cache_length", -1))
+    model._previous_max_cache_length = max_cache_len
+    cache = SWAAStaticCache(state.rules, max_cache_len, state.config.bounded_cache)
+    if prefill_chunk_size is not None and (shape := model._get_static_cache_init_shape()) is not None:
+        cache.early_initialization(batch_size, *shape, model.dtype, model.device)  # chunks may run compiled
+    return cache
 
 
 def _pass_labels_down(model: torch.nn.Module, args: tuple, kwargs: dict):
@@ -223,37 +280,46 @@ def _before_forward(state: _PatchState, decoder: torch.nn.Module, args: tuple, k
     batch_size, q_len = tokens.shape[:2]
     past = kwargs.get("past_key_values")
     use_cache = kwargs.get("use_cache")
-    if past is None and not decoder.training and (decoder.config.use_cache if use_cache is None else use_cache):
-        past = kwargs["past_key_values"] = new_cache(state.rules, state.config.bounded_cache)
-    if past is not None and not isinstance(past, Cache):
-        raise TypeError(f"past_key_values must be a transformers Cache, got {type(past).__name__}")
+    if past is not None:
+        check_cache(past)
     attention_mask = kwargs.get("attention_mask")
+    if isinstance(attention_mask, dict) and all(m is None or m.dim() == 2 for m in attention_mask.values()):
+        # generate's masks per layer type: each is the one 2D padding mask, handed on by swaa's mask function
+        attention_mask = next(iter(attention_mask.values()), None)
     if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
         raise ValueError(
             "swaa builds its own masks from a 2D padding mask (batch, tokens); got a prepared"
             f" {type(attention_mask).__name__} attention_mask"
         )
     prompt_len, labels = kwargs.pop(PROMPT_LEN_KWARG, None), kwargs.pop(LABELS_KWARG, None)
-    if decoder.training and state.prompt_end is None and prompt_len is None and labels is None:
+    boundary = prompt_end(past)
+    if decoder.training and boundary is None and prompt_len is None and labels is None:
         decoding = [layer for layer, rule in enumerate(state.rules) if rule.fa_decode]
         if decoding:
             raise ValueError(
                 f"training with fa_decode (layers {decoding}) needs to know where each answer starts: pass labels"
                 " with the prompt masked as -100, or prompt_len=<real prompt tokens per row>"
             )
+    past_len = past.get_seq_length() if past is not None else 0
+    slots = key_slots(past, past_len)
+    if slots is None and attention_mask is not None and attention_mask.shape[1] > past_len + q_len:
+        attention_mask = attention_mask[:, : past_len + q_len]  # a fresh static cache: generate padded the mask
     layout = Layout.build(
         batch_size=batch_size,
         q_len=q_len,
-        past_len=past.get_seq_length() if past is not None else 0,
+        past_len=past_len,
         device=tokens.device,
+        key_slots=slots,
         attention_mask=attention_mask,
         position_ids=kwargs.get("position_ids"),
-        prompt_end=state.prompt_end,
+        prompt_end=boundary,
         prompt_len=prompt_len,
         labels=labels,
     )
-    if isinstance(past, SWAACache):
-        past.begin_forward(layout)  # its bounded layers keep what later queries can see, by position
+    if past is None and not decoder.training and (decoder.config.use_cache if use_cache is None else use_cache):
+        past = kwargs["past_key_values"] = new_cache(state.rules, state.config.bounded_cache and layout.query_seq is None)
+    if isinstance(past, (SWAACache, SWAAStaticCache)):
+        past.begin_forward(layout)  # its ring layers keep what later queries can see, by position
     need_weights = bool(kwargs.get("output_attentions") or decoder.config.output_attentions)
     kwargs[CONTEXT_KWARG] = SWAAContext(state.rules, state.config.backend, layout, need_weights, cache=past)
     return (), kwargs

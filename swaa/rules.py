@@ -1,7 +1,8 @@
 """The SWAA rule, written once: which layers keep full attention, and which key a query may see.
 
 Every backend derives its mask from ``visible``: the dense reference mask, FlexAttention's mask_mod, the
-split of a batch into windowed and full FA2 calls. See ``shared/SWAA.md`` for the rule table.
+split of a batch into windowed and full FA2 calls, the keys a bounded cache keeps. ``window_start`` is the one
+place that says where a window begins. See ``docs/rules.md`` for the rule table.
 """
 
 from __future__ import annotations
@@ -89,6 +90,13 @@ def describe_rules(rules: tuple[LayerRule, ...]) -> str:
     return "\n".join(f"  layers {layers}: {rule.describe()}" for rule, layers in groups.items())
 
 
+def window_start(rule: LayerRule, query_pos):
+    """First key position inside the window of a query at ``query_pos`` (an int or a tensor): an SWA query
+    sees the keys at ``window_start(rule, i) <= j <= i`` and the sinks ``j < rule.sink``, nothing else.
+    May be negative (the window then holds every key up to the query)."""
+    return query_pos - (rule.window - 1)
+
+
 def visible(
     rule: LayerRule,
     query_pos: torch.Tensor,
@@ -105,7 +113,7 @@ def visible(
     seen = (key_pos >= 0) & (key_pos <= query_pos) & same_sequence
     if rule.is_full:
         return seen
-    near = (query_pos - key_pos < rule.window) | (key_pos < rule.sink)
+    near = (key_pos >= window_start(rule, query_pos)) | (key_pos < rule.sink)
     if rule.fa_decode:
         near = near | query_generated
     return seen & near

@@ -9,13 +9,18 @@ from swaa import bench
 
 def test_bench_smoke_writes_results(tmp_path, capsys):
     out, plot = tmp_path / "bench.json", tmp_path / "speedup.png"
-    result = bench.main(["--smoke", "--out", str(out), "--plot", str(plot)])
+    result = bench.main(["--smoke", "--out", str(out), "--plot", str(plot), "--decode", "--e2e", "80", "4",
+                         "--e2e-paths", "unpatched, static", "interleave 2, static"])
     saved = json.loads(out.read_text())
     assert [(r["config"], r["length"]) for r in saved["model"]] == [(r["config"], r["length"]) for r in result["model"]]
     assert {row["config"] for row in saved["model"]} == {"full attention (sdpa)", *bench.SWAA_CONFIGS}
     assert len(saved["speedups"]) == len(bench.SWAA_CONFIGS) * 2
     assert plot.read_bytes().startswith(b"\x89PNG")
-    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("| FA decode + interleave 4 |")
+    assert [row["path"] for row in saved["decode"]] == list(bench.decode_paths())
+    assert all(row["tpot_ms"] > 0 for row in saved["decode"])
+    assert [row["path"] for row in saved["end_to_end"]] == ["unpatched, static + compiled",
+                                                            "FA decode + interleave 2, static + compiled"]
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("| FA decode + interleave 2, static")
 
 
 def test_visible_pairs_counts_window_and_sinks():

@@ -79,17 +79,22 @@ def test_stored_length_per_layer_is_what_the_rule_says():
     seen = 20 + 3 - 1  # the last generated token is never fed back
     assert cache.get_seq_length() == seen
     assert cache.stored_lengths() == [seen, seen, 2 + 4 - 1, seen]
-    assert cache.layers[2].positions.tolist() == [[0, 1, seen - 3, seen - 2, seen - 1]] * 2
+    assert held(cache) == [[0, 1, seen - 3, seen - 2, seen - 1]] * 2
+
+
+def held(cache):
+    """Positions the ring layers hold, per row, in order (-1: an empty slot)."""
+    return cache.ring.positions[:, : cache.ring.slots].sort(-1).values.tolist()
 
 
 def test_left_padding_sinks_are_each_rows_first_real_tokens():
     model = tiny_model("qwen3")
     ids, mask = left_padded([20, 9, 3], total=20, seed=14)
     out = generate(model, dict(window=4, sink=2, fa_decode=False), ids, mask, True, new=2)
-    layer = out.past_key_values.layers[0]
-    assert layer.keys.shape[-2] == 5 and layer.get_seq_length() == 21
-    # row 0: 21 real tokens; row 1: 10; row 2: 4 (all kept, the empty slot first, like left padding)
-    assert layer.positions.tolist() == [[0, 1, 18, 19, 20], [0, 1, 7, 8, 9], [-1, 0, 1, 2, 3]]
+    cache = out.past_key_values
+    assert cache.stored_lengths()[0] == 5 and cache.get_seq_length() == 21
+    # row 0: 21 real tokens; row 1: 10; row 2: 4 (all kept, one slot empty)
+    assert held(cache) == [[0, 1, 18, 19, 20], [0, 1, 7, 8, 9], [-1, 0, 1, 2, 3]]
 
 
 def test_chunked_prefill_attends_to_at_most_sink_window_and_chunk_keys(monkeypatch):
@@ -112,7 +117,7 @@ def test_chunked_prefill_attends_to_at_most_sink_window_and_chunk_keys(monkeypat
     ids, mask = left_padded([30, 25], total=30, seed=15)
     generate(model, fields, ids, mask, True, new=3, prefill_chunk_size=chunk)
     bounded = [(q, k, n) for rule, q, k, n in seen if not rule.is_full]
-    assert bounded and all(k == n <= 2 + 3 - 1 + chunk for q, k, n in bounded)
+    assert bounded and all(k == n == 2 + 3 - 1 + q <= 2 + 3 - 1 + chunk for q, k, n in bounded)
     assert max(k for rule, q, k, n in seen if rule.is_full) == 30 + 3 - 1
 
 
@@ -147,6 +152,13 @@ def test_beam_search_equals_unbounded():
     torch.testing.assert_close(outs[0].sequences_scores, outs[1].sequences_scores, rtol=1e-5, atol=1e-5)
 
 
+def held_keys(cache, layer):
+    """(position, key) pairs a ring layer holds per row, in position order (a (batch, 1, slots, 1) key tensor)."""
+    slots = cache.ring.slots
+    rows = zip(cache.ring.positions[:, :slots].tolist(), cache.layers[layer].keys[:, 0, :slots, 0].tolist())
+    return [sorted((p, k) for p, k in zip(*row) if p >= 0) for row in rows]
+
+
 def test_reorder_and_select_move_positions_with_keys():
     rules = (LayerRule(3, 1), FULL_ATTENTION)
     cache = new_cache(rules)
@@ -156,31 +168,24 @@ def test_reorder_and_select_move_positions_with_keys():
     keys = torch.arange(12.0).reshape(2, 1, 6, 1)
     for layer in range(2):
         cache.update(keys, keys, layer)
-    bounded = cache.layers[0]
-    assert bounded.positions.tolist() == [[0, 4, 5], [0, 1, 2]]
-    assert bounded.keys.flatten(1).tolist() == [[0, 4, 5], [9, 10, 11]]
+    row0, row1 = [(0, 0.0), (4, 4.0), (5, 5.0)], [(0, 9.0), (1, 10.0), (2, 11.0)]
+    assert held_keys(cache, 0) == [row0, row1]
     cache.reorder_cache(torch.tensor([1, 1]))
-    assert bounded.positions.tolist() == [[0, 1, 2]] * 2 and bounded.keys.flatten(1).tolist() == [[9, 10, 11]] * 2
+    assert held_keys(cache, 0) == [row1, row1]
     cache.batch_select_indices(torch.tensor([0]))
-    assert bounded.positions.shape == (1, 3) and cache.layers[1].keys.shape[0] == 1
+    assert held_keys(cache, 0) == [row1] and cache.layers[1].keys.shape[0] == 1
     cache.batch_repeat_interleave(3)
-    assert bounded.positions.shape == (3, 3) and bounded.keys.shape == (3, 1, 3, 1)
+    assert held_keys(cache, 0) == [row1] * 3 and cache.layers[0].keys.shape[0] == 3
 
 
-def test_crop_is_exact_until_keys_are_dropped_then_the_next_forward_fails():
+def test_a_bounded_cache_refuses_to_roll_back():
+    """The ring overwrites keys older than the window, so no crop can be exact: it is refused, naming the way out."""
     model = tiny_model("qwen3")
     swaa.patch_model(model, window=8, fa_decode=False)
-    ids = torch.randint(1, 50, (1, 6), generator=torch.Generator().manual_seed(18))
-    cache = new_cache(layer_rules(SWAAConfig(window=8, fa_decode=False), 4))
-    model(ids, past_key_values=cache)
-    cache.crop(-2)
-    assert cache.get_seq_length() == 4 and cache.stored_lengths() == [4] * 4
-    cropped = model(ids[:, 4:], past_key_values=cache).logits
-    torch.testing.assert_close(cropped, model(ids, use_cache=False).logits[:, 4:], rtol=1e-9, atol=1e-9)
-    model(torch.ones(1, 10, dtype=torch.long), past_key_values=cache)  # 16 tokens seen: keys dropped
-    cache.crop(-3)
-    with pytest.raises(RuntimeError, match="bounded_cache=False to roll back exactly"):
-        model(torch.ones(1, 1, dtype=torch.long), past_key_values=cache)
+    cache = model(torch.ones(1, 6, dtype=torch.long)).past_key_values
+    cache.crop(0)
+    with pytest.raises(ValueError, match="bounded_cache=False to roll back exactly"):
+        cache.crop(-2)
 
 
 def test_assisted_decoding_gets_a_cache_that_can_roll_back():
@@ -226,7 +231,6 @@ def test_with_keys_mask_is_the_full_mask_at_the_kept_keys():
     kept = full.key_pos.gather(1, kept_index)
     rule = LayerRule(3, 2)
     layout = full.with_keys(kept)
-    assert full.with_keys(kept) is layout
     expected = full.mask(rule).gather(2, kept_index[:, None, :].expand(-1, 3, -1))
     assert torch.equal(layout.mask(rule), expected)
 

@@ -21,6 +21,8 @@ _announced: set = set()
 
 
 def _announce(name: str, device: torch.device, why: str) -> None:
+    if torch.compiler.is_compiling():  # a log call would break the compiled graph; eager calls say it
+        return
     if (name, device.type, why) not in _announced:
         _announced.add((name, device.type, why))
         logger.info("swaa: attention backend %r on %s (%s)", name, device.type, why)
@@ -46,11 +48,19 @@ def select(name: str, query: torch.Tensor, rule: LayerRule, layout: Layout, need
         return reference.attend
     check_available(name, device)
     if name == "flash":
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "backend='flash' plans its FA2 calls on the host and cannot run in a compiled step; use backend="
+                "'auto' or 'flex' for compiled decoding (generate with cache_implementation='static')"
+            )
         return flash.attend
     if name == "flex":
         return flex.attend
     if sdpa.handles(query, rule, layout):
-        _announce("sdpa", device, "auto: decode, or full-attention prefill without padding")
+        _announce("sdpa", device, "auto: the query sees every key, no mask needed")
         return sdpa.attend
-    _announce("flex", device, "auto: window + sinks fused in one kernel")
+    if query.shape[2] == 1:
+        _announce("reference", device, "auto: one query per row with a mask, grouped matrix products")
+        return reference.attend
+    _announce("flex", device, "auto: window, sinks, padding and cache slots in one block-sparse kernel")
     return flex.attend

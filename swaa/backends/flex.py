@@ -13,8 +13,8 @@ import functools
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from ..layout import Layout
-from ..rules import LayerRule, visible
+from ..layout import Layout, rule_key
+from ..rules import LayerRule, visible, window_start
 
 BLOCK = 128
 _SEQUENCE_STRIDE = 1 << 40  # (sequence, position) -> one sortable int64
@@ -25,6 +25,13 @@ def _compiled_flex():
     """flex_attention compiled once per process; shapes become dynamic after the first recompile, and
     window and sink are tensors, so new lengths and configs reuse the compiled kernels."""
     return torch.compile(flex_attention)
+
+
+def _flex(query: torch.Tensor):
+    """The fused kernel: compiled here, or traced into the caller's compiled step (a compiled decode)."""
+    if not query.is_cuda or torch.compiler.is_compiling():
+        return flex_attention
+    return _compiled_flex()
 
 
 def attend(
@@ -42,11 +49,14 @@ def attend(
     Returns (batch, q_len, heads, head_dim); queries that see no key (padding) give 0."""
     if dropout:
         raise ValueError(f"backend='flex' has no attention dropout (dropout={dropout}); use backend='reference'")
-    key_ = ("flex", rule)
+    key_ = ("flex", *rule_key(rule))
     if key_ not in layout.memo:
         layout.memo[key_] = block_mask(rule, layout)
-    run = _compiled_flex() if query.is_cuda else flex_attention
-    output = run(query, key, value, block_mask=layout.memo[key_], scale=scaling, enable_gqa=True)
+    # Several queries (a prompt chunk, maybe of a compiled, dynamic length): the main kernel; one query: the
+    # split-key decoding kernel.
+    options = {"FORCE_USE_FLEX_ATTENTION": True} if query.shape[2] > 1 else None
+    output = _flex(query)(query, key, value, block_mask=layout.memo[key_], scale=scaling, enable_gqa=True,
+                          kernel_options=options)
     return output.transpose(1, 2).contiguous(), None
 
 
@@ -82,8 +92,7 @@ def block_mask(rule: LayerRule, layout: Layout) -> BlockMask:
 
     # Keys sorted by (sequence, position); padding takes its left neighbour's value to keep the order.
     key_order = torch.where(key_pos >= 0, key_seq * big + key_pos, -1).cummax(-1).values
-    window = rule.window or 0
-    near_lo = torch.where(needs_all, 0, (q_lo_pos - window + 1).clamp(min=0))
+    near_lo = 0 if rule.is_full else torch.where(needs_all, 0, window_start(rule, q_lo_pos).clamp(min=0))
     near = torch.stack([q_lo_seq * big + near_lo, q_hi_seq * big + q_hi_pos + 1], -1)  # [lo, hi)
     sinks = torch.stack([q_lo_seq * big, q_lo_seq * big + (0 if rule.is_full else rule.sink)], -1)
     bounds = torch.searchsorted(key_order, torch.cat([near, sinks], -1).view(batch, -1)).view(batch, -1, 4)
@@ -119,7 +128,7 @@ def block_mask(rule: LayerRule, layout: Layout) -> BlockMask:
     full &= gather(k_hi_pos) <= q_lo_pos[..., None]
     if not rule.is_full:
         all_generated = (_blocks(generated, True) | ~q_valid).all(-1) if rule.fa_decode else torch.zeros_like(any_valid)
-        in_reach = (q_hi_pos[..., None] - gather(k_lo_pos) < rule.window) | (gather(k_hi_pos) < rule.sink)
+        in_reach = (gather(k_lo_pos) >= window_start(rule, q_hi_pos[..., None])) | (gather(k_hi_pos) < rule.sink)
         full &= in_reach | all_generated[..., None]
     partial = listed & ~full
 
@@ -155,25 +164,21 @@ def _index_mask_mod(rule: LayerRule, device: torch.device):
 
 
 def _mask_mod(rule: LayerRule, layout: Layout, q_len: int, kv_len: int):
-    """``rules.visible`` as a FlexAttention mask_mod; positions padded so every index in a block is valid.
-    Window and sink enter as tensors, so the compiled kernel serves every window size without recompiling."""
+    """``rules.visible`` as a FlexAttention mask_mod. The kernel asks about whole blocks, so indices past the
+    last query or key are clamped for the loads and such keys are never visible (clamping rather than padding
+    the position tensors keeps a compiled decode step from fusing a pad into the kernel). Window and sink enter
+    as tensors, so the compiled kernel serves every window size without recompiling."""
     device = layout.query_pos.device
-    if q_len == kv_len and layout.plain() and not (rule.fa_decode and bool(layout.query_generated.any())):
+    if q_len == kv_len and layout.plain() and not (rule.fa_decode and layout.any_generated()):
         return _index_mask_mod(rule, device)
     rule = _tensor_rule(rule, device)
-    query_pos = _blocks(layout.query_pos, -1).flatten(1)
-    key_pos = _blocks(layout.key_pos, -1).flatten(1)
-    generated = _blocks(layout.query_generated, False).flatten(1)
-    if layout.query_seq is None:
+    query_pos, key_pos, generated = layout.query_pos, layout.key_pos, layout.query_generated
+    query_seq, key_seq = layout.query_seq, layout.key_seq
 
-        def mask_mod(b, h, q, k):
-            return visible(rule, query_pos[b, q], key_pos[b, k], generated[b, q])
-
-    else:
-        query_seq = _blocks(layout.query_seq, -1).flatten(1)
-        key_seq = _blocks(layout.key_seq, -2).flatten(1)
-
-        def mask_mod(b, h, q, k):
-            return visible(rule, query_pos[b, q], key_pos[b, k], generated[b, q], query_seq[b, q] == key_seq[b, k])
+    def mask_mod(b, h, q, k):
+        q, k_in = q.clamp(max=query_pos.shape[1] - 1), k.clamp(max=key_pos.shape[1] - 1)
+        same_sequence = True if query_seq is None else query_seq[b, q] == key_seq[b, k_in]
+        seen = visible(rule, query_pos[b, q], key_pos[b, k_in], generated[b, q], same_sequence)
+        return seen & (k < key_pos.shape[1])
 
     return mask_mod

@@ -1,6 +1,9 @@
 """Dense-mask attention: exact on any device and obviously right; O(q_len * kv_len) memory.
 
-The runtime path on the CPU, and what every faster backend is compared with.
+The runtime path on the CPU, and what every faster backend is compared with. A decode call (one query per
+row) runs as two grouped matrix products and a softmax: no repeated keys for GQA, no host sync and fixed
+shapes, so it is also the GPU's path for a decode step that needs a mask (padding, a bounded cache's ring,
+a static cache's unwritten slots), eager or compiled into a CUDA graph.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ def attend(
     ``need_weights``, the weights (batch, heads, q_len, kv_len). A query that sees no key (padding)
     gets a zero output.
     """
+    if query.shape[2] == 1 and not need_weights and not dropout:
+        return _one_query(query, key, value, layout.mask(rule), scaling), None
     mask = layout.mask(rule)[:, None]  # (batch, 1, q_len, kv_len)
     sees_a_key = mask.any(-1, keepdim=True)
     mask = mask | ~sees_a_key  # keeps softmax finite on padding rows; their output is zeroed below
@@ -47,3 +52,18 @@ def attend(
         )
         output = output * sees_a_key
     return output.transpose(1, 2).contiguous(), weights
+
+
+def _one_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+    """query: (batch, heads, 1, head_dim); key, value: (batch, kv_heads, kv_len, head_dim); mask: (batch, 1,
+    kv_len) bool. Returns (batch, 1, heads, head_dim); a row that sees no key gives 0."""
+    batch, heads, _, head_dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # head h reads kv head h // group
+    wide = torch.promote_types(query.dtype, torch.float32)  # softmax in at least float32
+    scores = (grouped @ key.transpose(-1, -2)).to(wide) * scaling  # (batch, kv_heads, group, kv_len)
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    weights = torch.nan_to_num(scores.softmax(-1), nan=0.0).to(value.dtype)
+    output = (weights @ value).reshape(batch, heads, 1, value.shape[-1])
+    return output.transpose(1, 2).contiguous()

@@ -1,8 +1,8 @@
-"""PyTorch's fused attention for the calls that need no custom mask, on rows without padding or packing.
+"""PyTorch's fused attention for the calls that need no mask: rows whose every key sits at its index (no
+padding, packing or unwritten cache slots), where each query sees every earlier key.
 
-- Decode, one new query against a long cache: a full or FA-decode layer reads the whole cache with no mask
-  (a one-token query needs no causal mask), so the bandwidth-bound flash kernel runs; an SWA layer reads
-  only its sinks and its window, sliced out of the cache, so its cost stays flat as the context grows.
+- Decode, one new query against the whole cache in a full-attention layer, or a generated token in an
+  FA-decode layer: a one-token query needs no causal mask, so the bandwidth-bound flash kernel runs.
 - Prefill of a full-attention layer with no cache: plain causal attention (cuDNN on Hopper).
 """
 
@@ -16,27 +16,13 @@ from ..rules import LayerRule
 
 
 def handles(query: torch.Tensor, rule: LayerRule, layout: Layout) -> bool:
-    """True for one-token calls (``_decode_keys`` finds their keys), and for full-attention prefill with
-    no cache on plain rows (every key at position = its index: no padding or packing)."""
+    """True on plain rows for one query that sees the whole cache (a full-attention layer, or a generated
+    token in an FA-decode layer) and for a full-attention prompt with no cache."""
     q_len, kv_len = query.shape[2], layout.key_pos.shape[1]
-    if layout.query_seq is not None:
-        return False
     if q_len == 1:
-        return _decode_keys(rule, layout) is not None
+        sees_all = rule.is_full or (rule.fa_decode and layout.all_generated())
+        return sees_all and layout.plain()
     return rule.is_full and q_len == kv_len and layout.plain()
-
-
-def _decode_keys(rule: LayerRule, layout: Layout) -> str | None:
-    """For a one-token call: "all" when the query sees every key it is given (full and FA-decode layers
-    without padding, a bounded cache's SWA layers), "slice" when it sees the sinks and window of a plain
-    cache, None otherwise."""
-    key = ("sdpa-decode", rule)
-    if key not in layout.memo:
-        if bool(layout.mask(rule).all()):
-            layout.memo[key] = "all"
-        else:
-            layout.memo[key] = "slice" if not rule.is_full and layout.plain() else None
-    return layout.memo[key]
 
 
 def attend(
@@ -52,15 +38,8 @@ def attend(
 ) -> tuple[torch.Tensor, None]:
     """query: (batch, heads, q_len, head_dim); key, value: (batch, kv_heads, kv_len, head_dim), in a case
     that ``handles`` accepted. Returns (batch, q_len, heads, head_dim)."""
-    q_len, kv_len = query.shape[2], key.shape[2]
-    if q_len > 1:  # full-attention prefill, no cache
-        output = F.scaled_dot_product_attention(
-            query, key, value, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=True
-        )
-        return output.transpose(1, 2).contiguous(), None
-    if _decode_keys(rule, layout) == "slice":
-        window_start = kv_len - rule.window  # > sink, or the query would see every key
-        key = torch.cat([key[:, :, : rule.sink], key[:, :, window_start:]], dim=2)
-        value = torch.cat([value[:, :, : rule.sink], value[:, :, window_start:]], dim=2)
-    output = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, enable_gqa=True)
+    causal = query.shape[2] > 1
+    output = F.scaled_dot_product_attention(
+        query, key, value, dropout_p=dropout, is_causal=causal, scale=scaling, enable_gqa=True
+    )
     return output.transpose(1, 2).contiguous(), None
