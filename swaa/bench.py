@@ -28,7 +28,7 @@ import swaa
 from swaa.backends import flash, flex, sdpa
 from swaa.cache import is_bounded
 from swaa.layout import Layout
-from swaa.rules import LayerRule, layer_rules
+from swaa.rules import LayerRule, layer_rules, window_start
 
 WINDOW, SINK = 2048, 100
 SWAA_CONFIGS = {
@@ -49,9 +49,9 @@ def visible_pairs(length: int, window: int | None, sink: int) -> int:
     """(query, key) pairs a causal prompt of ``length`` tokens keeps under window + sinks (None: full)."""
     if window is None:
         return length * (length + 1) // 2
-    near = sum(min(i + 1, window) for i in range(min(length, window))) + max(length - window, 0) * window
-    far = sum(max(0, min(sink, i - window + 1)) for i in range(window, length))
-    return near + far
+    rule = LayerRule(window, sink)
+    starts = (max(window_start(rule, i), 0) for i in range(length))
+    return sum(i - start + 1 + min(sink, start) for i, start in enumerate(starts))  # window + sinks before it
 
 
 def cuda_seconds(fn, repeat: int = 5, calls: int = 1) -> float:
