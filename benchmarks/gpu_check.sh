@@ -15,7 +15,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, s
 [ -n "${SKIP_MODEL:-}" ] || { step model 300 python3 -m swaa.bench --skip-kernels --lengths ${LENGTHS:-16384 32768 65536 131072} \
     --out "$OUT/model.json" --plot "$OUT/speedup.png"; tail -28 "$OUT/model.log"; }
 [ -n "${SKIP_DECODE:-}" ] || { step decode 540 python3 -m swaa.bench --skip-kernels --skip-model --decode ${DECODE_LENGTHS:-4096 131072} \
-    --paths ${DECODE_PATHS:-"unpatched, static" "interleave 2, static" "SWA (no FA decode), static"} \
+    --paths "unpatched, static" "interleave 2, static" "SWA (no FA decode), static" \
     --e2e 131072 512 --e2e-paths "interleave 2, static" "SWA (no FA decode), static" --out "$OUT/decode.json"; tail -14 "$OUT/decode.log"; }
 [ -n "${SKIP_KERNELS:-}" ] || { step kernels 100 python3 -m swaa.bench --skip-model --lengths ${LENGTHS:-16384 32768 65536 131072} \
     --out "$OUT/kernels.json"; tail -32 "$OUT/kernels.log"; }
