@@ -38,10 +38,11 @@ def generate(model, fields, ids, mask, bounded, new=NEW, **kwargs):
                           return_dict_in_generate=True, **kwargs)
 
 
-def assert_same_generation(bounded, unbounded):
-    assert torch.equal(bounded.sequences, unbounded.sequences)
-    for step_bounded, step_unbounded in zip(bounded.logits, unbounded.logits):
-        assert_logits_equal(step_bounded, step_unbounded)
+def assert_same_generation(actual, expected):
+    """The same tokens, and each step's logits equal."""
+    assert torch.equal(actual.sequences, expected.sequences)
+    for step_actual, step_expected in zip(actual.logits, expected.logits):
+        assert_logits_equal(step_actual, step_expected)
 
 
 @pytest.mark.parametrize("chunk", [None, 3, 5], ids=lambda c: f"chunk{c}")

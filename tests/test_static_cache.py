@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 from reference import reference_model
+from test_cache import assert_same_generation
 from test_generate import assert_logits_equal, run_and_compare
 from tiny import _COMMON as TINY_CONFIG
 from tiny import FAMILIES, left_padded, tiny_model
@@ -43,12 +44,6 @@ CONFIGS = {
 def generate(model, ids, mask, new=NEW, **kwargs):
     return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_logits=True,
                           return_dict_in_generate=True, **kwargs)
-
-
-def assert_same_generation(actual, expected):
-    assert torch.equal(actual.sequences, expected.sequences)
-    for step_actual, step_expected in zip(actual.logits, expected.logits):
-        assert_logits_equal(step_actual, step_expected)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
