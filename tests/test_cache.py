@@ -198,6 +198,17 @@ def test_assisted_decoding_gets_a_cache_that_can_roll_back():
     assert torch.equal(plain, assisted)
 
 
+def test_a_patched_assistant_model_gets_a_cache_that_can_roll_back():
+    """Assisted decoding crops the assistant's cache too: a bounded assistant would crash, or worse."""
+    model, assistant = tiny_model("qwen3"), tiny_model("qwen3", seed=1)
+    for patched in (model, assistant):
+        swaa.patch_model(patched, window=3, sink=1, fa_decode=False)
+    ids = torch.randint(1, 50, (1, 11), generator=torch.Generator().manual_seed(20))
+    plain = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assisted = model.generate(ids, max_new_tokens=8, do_sample=False, assistant_model=assistant)
+    assert torch.equal(plain, assisted)
+
+
 def test_packed_forward_with_a_cache_equals_unbounded():
     model = tiny_model("qwen3")
     ids = torch.randint(1, 50, (1, 12), generator=torch.Generator().manual_seed(19))
