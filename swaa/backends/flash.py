@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import Layout
-from ..rules import LayerRule
+from ..rules import LayerRule, window_start
 
 
 def available(device: torch.device) -> str | None:
@@ -103,7 +103,7 @@ def _plan(rule: LayerRule, layout: Layout) -> tuple[_Call | None, _Call | None, 
                 run = None
                 continue
             seq = query_seq[b][t] if query_seq else 0
-            full = rule.is_full or (rule.fa_decode and generated[b][t]) or pos - rule.window + 1 <= rule.sink
+            full = rule.is_full or (rule.fa_decode and generated[b][t]) or window_start(rule, pos) <= rule.sink
             kind = "full" if full else "window"
             if run is None or run["kind"] != kind or run["seq"] != seq:
                 run = {"kind": kind, "seq": seq, "keys": keys[seq], "queries": [], "first": pos}
@@ -138,7 +138,7 @@ def _plan(rule: LayerRule, layout: Layout) -> tuple[_Call | None, _Call | None, 
 
     return (
         call("full", lambda run: (0, run["last"] + 1)),
-        call("window", lambda run: (max(run["first"] - rule.window + 1, 0), run["last"] + 1)),
+        call("window", lambda run: (max(window_start(rule, run["first"]), 0), run["last"] + 1)),
         call("sink", lambda run: (0, rule.sink)),
     )
 
