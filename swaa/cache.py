@@ -105,7 +105,7 @@ class RingSlots:
 
     def __init__(self, rule: LayerRule, static: bool):
         self.rule, self.static = rule, static
-        self.slots = rule.sink + rule.window - 1
+        self.slots = rule.sink + rule.window - 1  # the sinks, and the window of the next query but itself
         self.positions: torch.Tensor | None = None
         self.write_index: torch.Tensor | None = None  # (batch, q_len): slot of each incoming key, this forward
         self.layout: Layout | None = None  # this forward's queries against the held + incoming keys
@@ -130,7 +130,7 @@ class RingSlots:
         self.layout = layout.with_keys(torch.cat([held, incoming], dim=-1))
         # the row's latest position (the scratch slot only ever holds positions seen before, never later ones)
         last = torch.maximum(self.positions.amax(-1, keepdim=True), incoming.amax(-1, keepdim=True))
-        rule, ring = self.rule, self.rule.window - 1
+        rule, ring = self.rule, self.slots - self.rule.sink
         later = (incoming >= 0) & ((incoming < rule.sink) | (incoming >= window_start(rule, last + 1)))
         slot = torch.where(incoming < rule.sink, incoming, rule.sink + (incoming - rule.sink) % max(ring, 1))
         self.write_index = torch.where(later, slot, self.slots)
@@ -260,8 +260,9 @@ class _SWAACacheMixin:
         if len(windows) > 1:
             raise ValueError(f"swaa's cache holds one window and sink for its bounded layers, got {sorted(windows)}")
         rule = next((rule for rule in self.rules if is_bounded(rule)), None)
-        fits = rule is not None and (max_cache_len is None or rule.sink + rule.window - 1 < max_cache_len)
-        self.ring = RingSlots(rule, static) if bounded and fits else None
+        ring = RingSlots(rule, static) if bounded and rule is not None else None
+        # a ring no smaller than the cache itself would save nothing: those layers keep every token then
+        self.ring = ring if ring is not None and (max_cache_len is None or ring.slots < max_cache_len) else None
         return [RingLayer(self.ring, index, max_cache_len) if self.ring and is_bounded(r) else other()
                 for index, r in enumerate(self.rules)]
 
