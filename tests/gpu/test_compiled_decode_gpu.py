@@ -22,10 +22,10 @@ CONFIGS = {
 }
 
 
-def small_model(dtype=torch.float32):
+def small_model(dtype=torch.float32, head_dim=64):
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=4096,
                          eos_token_id=None, bos_token_id=None, pad_token_id=0)
     with torch.device("cuda"):
         return Qwen3ForCausalLM(config).to(dtype).eval()
@@ -46,14 +46,16 @@ def run(model, ids, mask, new, **kwargs):
                           **kwargs)
 
 
+@pytest.mark.parametrize("rows,head_dim", [((150, 97, 20), 64), ((150,), 128)], ids=["padded_batch3_d64", "batch1_d128"])
 @pytest.mark.parametrize("config", CONFIGS)
-def test_static_compiled_generate_equals_eager(config):
-    """Windows shorter than the prompt, sinks, left padding, chunked prefill: the compiled static path
-    (transformers compiles the decode step) gives the eager dynamic path's tokens."""
+def test_static_compiled_generate_equals_eager(config, rows, head_dim):
+    """Windows shorter than the prompt, sinks, left padding, chunked prefill, one row (indices the compiler
+    sees as constants): the compiled static path (transformers compiles the decode step and the prefill
+    chunks) gives the eager dynamic path's tokens."""
     torch._dynamo.reset()
-    model = small_model()
+    model = small_model(head_dim=head_dim)
     swaa.patch_model(model, **CONFIGS[config])
-    ids, mask = prompts([150, 97, 20], 150, seed=1)
+    ids, mask = prompts(list(rows), 150, seed=1)
     eager = run(model, ids, mask, 40)
     compiled = run(model, ids, mask, 40, cache_implementation="static")
     chunked = run(model, ids, mask, 40, cache_implementation="static", prefill_chunk_size=64)
