@@ -113,6 +113,14 @@ def test_a_cache_that_drops_keys_is_refused():
         generate(model, ids, mask, past_key_values=DynamicCache(config=model.config))
 
 
+def test_generate_without_a_cache_still_knows_the_generated_tokens():
+    """use_cache=False re-reads the whole sequence each step; FA decode still applies to the generated part."""
+    model = tiny_model("qwen3")
+    swaa.patch_model(model, window=2, sink=1, interleave=3)
+    ids, mask = left_padded([10, 6], total=10, seed=34)
+    assert_same_generation(generate(model, ids, mask, use_cache=False), generate(model, ids, mask))
+
+
 def test_the_prompt_boundary_ends_with_generate():
     """A returned cache carries no boundary: a bare forward on it follows the bare-forward rule."""
     model = tiny_model("qwen3")
