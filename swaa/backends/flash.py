@@ -160,6 +160,13 @@ def attend(
     if memo_key not in layout.memo:
         layout.memo[memo_key] = _plan(rule, layout)
     full, window, sinks = layout.memo[memo_key]
+    if window is not None and sinks is not None and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (query, key, value)):
+        raise NotImplementedError(
+            f"backend='flash' with sink={rule.sink} cannot train yet: FA2 returns its log-sum-exp without a"
+            " gradient, so merging the window and sink calls would silently drop gradient terms; train with"
+            " backend='flex' (or 'auto' on a GPU), or with sink=0"
+        )
     batch, heads, q_len, head_dim = query.shape
     queries = query.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
     keys = key.transpose(1, 2).reshape(-1, key.shape[1], head_dim)
