@@ -6,7 +6,7 @@
 """
 
 from .config import SWAAConfig
-from .patch import describe, patch_model, unpatch_model
+from .patch import describe, get_config, is_patched, patch_model, patched, unpatch_model
 
-__all__ = ["SWAAConfig", "describe", "patch_model", "unpatch_model"]
+__all__ = ["SWAAConfig", "describe", "get_config", "is_patched", "patch_model", "patched", "unpatch_model"]
 __version__ = "0.1.0"

@@ -70,6 +70,10 @@ class SWAAConfig:
     bounded_cache: bool = True
 
     def __post_init__(self):
+        for name in ("window", "sink", "interleave", "interleave_offset"):  # numpy ints become ints (JSON)
+            value = getattr(self, name)
+            if _is_int(value):
+                object.__setattr__(self, name, int(value))
         if not _is_int(self.window) or self.window < 1:
             raise ValueError(f"window={self.window!r}: must be a positive int (keys seen by a query, itself included)")
         if not _is_int(self.sink) or self.sink < 0:

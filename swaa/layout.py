@@ -106,8 +106,7 @@ class Layout:
         if prompt_end is not None:
             generated = (cache_index >= prompt_end).expand(batch_size, -1)
         elif prompt_len is not None:
-            prompt_len = torch.as_tensor(prompt_len, device=device).reshape(-1, 1)
-            generated = query_pos >= prompt_len
+            generated = query_pos >= _checked_prompt_len(prompt_len, batch_size, device)
         elif labels is not None:
             generated = _after_first_answer_label(labels.to(device), query_pos)
         elif q_len == 1:  # the bare-forward rule: one query onto a non-empty cache
@@ -191,6 +190,18 @@ class Layout:
 def rule_key(rule: LayerRule) -> tuple:
     """A rule as plain values, for memo keys that a compiled step can hash without tracing a dataclass."""
     return (rule.window, rule.sink, rule.fa_decode)
+
+
+def _checked_prompt_len(prompt_len, batch_size: int, device: torch.device) -> torch.Tensor:
+    """``prompt_len`` (real prompt tokens: one int, or one per row) as a (batch, 1) tensor, or a clear error."""
+    values = torch.as_tensor(prompt_len)
+    if values.dtype == torch.bool or values.is_floating_point() or values.is_complex() or values.dim() > 1 or (
+            values.dim() == 1 and values.shape[0] != batch_size) or bool((values < 0).any()):
+        raise ValueError(
+            f"prompt_len={prompt_len!r}: must be an int >= 0 (real prompt tokens of every row) or {batch_size} such"
+            " ints, one per row"
+        )
+    return values.to(device).reshape(-1, 1)
 
 
 def _after_first_answer_label(labels: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:

@@ -11,15 +11,18 @@ Weights are never touched.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import copy
 import dataclasses
 import functools
 import inspect
 import logging
 import types
+import warnings
 
 import torch
-from transformers import AttentionInterface, DynamicCache, GenerationConfig, PreTrainedModel
+from transformers import AttentionInterface, DynamicCache, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -50,7 +53,6 @@ CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")  # what swaa's caches honour
 _METHODS = ("generate", "_prepare_cache_for_generation", "_prepare_static_cache")
 LABELS_KWARG = "swaa_labels"  # labels handed from the LM head's forward down to the decoder's hook
 _STATE = "_swaa_patch"
-_MISSING = object()
 
 
 @dataclasses.dataclass
@@ -60,8 +62,7 @@ class _PatchState:
     config: SWAAConfig
     rules: tuple[LayerRule, ...]
     hooks: list
-    attn_implementations: list  # (config object, its implementation before the patch)
-    saved_swaa: object  # model.config.swaa before the patch, or _MISSING
+    own_configs: list  # (module, its config before the patch): the patch gives the model configs of its own
 
 
 def _transformers_model(model) -> PreTrainedModel:
@@ -101,7 +102,22 @@ def _check_supported(model: PreTrainedModel) -> int:
     bidirectional = [type(m).__name__ for m in model.modules() if getattr(m, "is_causal", True) is False]
     if bidirectional:
         raise ValueError(f"{name} has bidirectional attention ({bidirectional[0]}); swaa patches causal decoders")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(
+            f"{name} soft-caps its attention logits (attn_logit_softcapping={config.attn_logit_softcapping}),"
+            " which swaa's kernels do not implement"
+        )
+    learned_sinks = [type(m).__name__ for m in model.modules() if isinstance(getattr(m, "sinks", None), torch.Tensor)]
+    if learned_sinks:
+        raise ValueError(f"{name} has learned attention sinks ({learned_sinks[0]}), which swaa does not implement")
     return num_layers
+
+
+def _decoder(model: PreTrainedModel) -> torch.nn.Module:
+    """The module that holds the layers: its forward gets swaa's hooks. Through ``get_decoder`` where the
+    model has one, since some models are their own ``base_model`` and would never pass labels down."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return decoder if isinstance(decoder, torch.nn.Module) else model.base_model
 
 
 def _resolve_config(model: PreTrainedModel, config, fields: dict) -> SWAAConfig:
@@ -115,12 +131,12 @@ def _resolve_config(model: PreTrainedModel, config, fields: dict) -> SWAAConfig:
         logger.info("swaa: re-applying the config saved in model.config.swaa")
         config = saved
     if config is None:
-        return SWAAConfig(**fields)
+        return SWAAConfig.from_dict(fields)
     if isinstance(config, dict):
         config = SWAAConfig.from_dict(config)
     if not isinstance(config, SWAAConfig):
         raise TypeError(f"config must be a SWAAConfig or a dict, got {type(config).__name__}")
-    return dataclasses.replace(config, **fields) if fields else config
+    return SWAAConfig.from_dict({**config.to_dict(), **fields}) if fields else config
 
 
 def patch_model(model, config: SWAAConfig | dict | None = None, **fields):
@@ -128,41 +144,51 @@ def patch_model(model, config: SWAAConfig | dict | None = None, **fields):
 
     ``patch_model(model, window=2048, sink=100, interleave=2)`` builds a SWAAConfig from the fields;
     ``patch_model(model, config, backend="flex")`` overrides fields of a config; ``patch_model(model)``
-    re-applies the config saved with a checkpoint. Patching a patched model replaces its config.
+    re-applies the config saved with a checkpoint. Patching a patched model replaces its config. Every
+    check runs before anything changes: a patch that raises leaves the model as it was.
     """
     target = _transformers_model(model)
+    previous = getattr(target, _STATE, None)
     config = _resolve_config(target, config, fields)
     num_layers = _check_supported(target)
     rules = layer_rules(config, num_layers)
     backends.check_available(config.backend, target.device)
-    if hasattr(target, _STATE):
+    decoder = _decoder(target)
+    if previous is not None:
         unpatch_model(target)
 
     AttentionInterface.register(ATTENTION_NAME, swaa_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, padding_mask)
-    configs = {id(m.config): m.config for m in target.modules() if isinstance(m, PreTrainedModel)}
-    state = _PatchState(
-        config=config,
-        rules=rules,
-        hooks=[],
-        attn_implementations=[(c, c._attn_implementation_internal) for c in configs.values()],
-        saved_swaa=getattr(target.config, "swaa", _MISSING),
-    )
-    for model_config in configs.values():
+    state = _PatchState(config=config, rules=rules, hooks=[], own_configs=_own_configs(target))
+    for model_config in {id(m.config): m.config for m in target.modules() if isinstance(m, PreTrainedModel)}.values():
         model_config._attn_implementation_internal = ATTENTION_NAME
-    decoder = target.base_model
     if decoder is not target:
         state.hooks.append(target.register_forward_pre_hook(_pass_labels_down, with_kwargs=True))
     state.hooks.append(
         decoder.register_forward_pre_hook(functools.partial(_before_forward, state), with_kwargs=True)
     )
     state.hooks.append(decoder.register_forward_hook(functools.partial(_after_forward, state), with_kwargs=True))
-    for name, method in zip(_METHODS, (_generate, _prepare_cache_for_generation, _prepare_static_cache)):
-        setattr(target, name, types.MethodType(method, target))
+    if hasattr(target, "generate"):
+        for name, method in zip(_METHODS, (_generate, _prepare_cache_for_generation, _prepare_static_cache)):
+            setattr(target, name, types.MethodType(method, target))
     target.config.swaa = config.to_dict()
     setattr(target, _STATE, state)
     logger.info("swaa: patched %s (%d layers)\n%s", type(target).__name__, num_layers, describe_rules(rules))
     return model
+
+
+def _own_configs(model: PreTrainedModel) -> list:
+    """Give every module of ``model`` a copy of its config, so that switching attention and saving
+    ``config.swaa`` touch this model alone (two models built from one config object stay apart).
+    Returns (module, original config) pairs for unpatch."""
+    originals, copies = [], {}
+    for module in model.modules():
+        original = module.__dict__.get("config")
+        if isinstance(original, PretrainedConfig):
+            copies.setdefault(id(original), copy.copy(original))
+            originals.append((module, original))
+            module.config = copies[id(original)]
+    return originals
 
 
 def unpatch_model(model):
@@ -173,16 +199,37 @@ def unpatch_model(model):
         raise ValueError(f"{type(target).__name__} is not patched by swaa; nothing to unpatch")
     for hook in state.hooks:
         hook.remove()
-    for model_config, implementation in state.attn_implementations:
-        model_config._attn_implementation_internal = implementation
+    for module, original in state.own_configs:
+        module.config = original
     for name in _METHODS:
-        delattr(target, name)
-    if state.saved_swaa is _MISSING:
-        del target.config.swaa
-    else:
-        target.config.swaa = state.saved_swaa
+        target.__dict__.pop(name, None)
     delattr(target, _STATE)
     return model
+
+
+def is_patched(model) -> bool:
+    """Whether swaa's patch is on ``model`` (a transformers model, or a peft model around one)."""
+    return hasattr(_transformers_model(model), _STATE)
+
+
+def get_config(model) -> SWAAConfig | None:
+    """The SWAAConfig ``model`` is patched with, or None when it is not patched."""
+    state = getattr(_transformers_model(model), _STATE, None)
+    return None if state is None else state.config
+
+
+@contextlib.contextmanager
+def patched(model, config: SWAAConfig | dict | None = None, **fields):
+    """``with swaa.patched(model, window=2048, sink=100):`` patch for the block, and unpatch when it ends,
+    also on an error; a model patched before the block gets its previous config back."""
+    before = get_config(model)
+    patch_model(model, config, **fields)
+    try:
+        yield model
+    finally:
+        unpatch_model(model)
+        if before is not None:
+            patch_model(model, before)
 
 
 def describe(model) -> str:
@@ -293,8 +340,14 @@ def _before_forward(state: _PatchState, decoder: torch.nn.Module, args: tuple, k
         )
     prompt_len, labels = kwargs.pop(PROMPT_LEN_KWARG, None), kwargs.pop(LABELS_KWARG, None)
     boundary = prompt_end(past)
+    decoding = [layer for layer, rule in enumerate(state.rules) if rule.fa_decode]
+    if decoder.training and decoding and labels is not None and prompt_len is None and bool((labels != -100).all()):
+        warnings.warn(
+            f"swaa: labels with no -100 mark every token as an answer, so the FA-decode layers {decoding} attend"
+            " to every earlier token everywhere (full attention); mask the prompt as -100 to train the SWAA"
+            " pattern", stacklevel=2,
+        )
     if decoder.training and boundary is None and prompt_len is None and labels is None:
-        decoding = [layer for layer, rule in enumerate(state.rules) if rule.fa_decode]
         if decoding:
             raise ValueError(
                 f"training with fa_decode (layers {decoding}) needs to know where each answer starts: pass labels"

@@ -58,6 +58,11 @@ def _checked_layers(name: str, layers: tuple[int, ...], num_layers: int, drop_be
 def full_attention_layers(config: SWAAConfig, num_layers: int) -> list[int]:
     """Indices of the layers that keep full attention in a model of ``num_layers`` layers."""
     if config.interleave is not None:
+        if config.interleave_offset >= num_layers:
+            raise ValueError(
+                f"interleave_offset={config.interleave_offset}: no layer would keep full attention; this model has"
+                f" layers 0..{num_layers - 1}"
+            )
         return list(range(config.interleave_offset, num_layers, config.interleave))
     listed = config.full_attention_layers or ()
     return sorted(_checked_layers("full_attention_layers", listed, num_layers, config.drop_layers_beyond_depth))
