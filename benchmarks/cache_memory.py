@@ -76,7 +76,7 @@ def cache_bytes(cache) -> int:
 def measure(model, fields, length: int, chunk: int | None, device: torch.device, weights: int) -> dict:
     """One generate of a ``length``-token prompt; raises torch.OutOfMemoryError when it does not fit."""
     if fields is None:
-        if hasattr(model, "_swaa_patch"):
+        if swaa.is_patched(model):
             swaa.unpatch_model(model)
     else:
         swaa.patch_model(model, **fields)

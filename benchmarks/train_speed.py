@@ -125,7 +125,7 @@ def main(argv=None):
             row = dict(attention=name, seq_len=seq_len, answer_tokens=args.answer_tokens, status="ok")
             try:
                 if config is None:
-                    if hasattr(model.get_base_model(), "_swaa_patch"):
+                    if swaa.is_patched(model):
                         swaa.unpatch_model(model)
                 else:
                     swaa.patch_model(model, config)

@@ -165,7 +165,7 @@ def model_rows(model, lengths: list[int], configs: dict) -> list[dict]:
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
             rows.append(dict(config=name, length=length, ttft_s=first, peak_gib=peak, compiled_graphs=_compiled_graphs()))
             print(f"  {name:28s} {length:>7d}: TTFT {first:.3f} s, peak {peak:.1f} GiB", flush=True)
-    if hasattr(model, "_swaa_patch"):
+    if swaa.is_patched(model):
         swaa.unpatch_model(model)
     return rows
 

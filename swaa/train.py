@@ -29,7 +29,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, TrainerCallback
 
 from .config import SWAAConfig
-from .patch import _STATE, _transformers_model, patch_model
+from .patch import _transformers_model, get_config, is_patched, patch_model
 
 logger = logging.getLogger("swaa")
 
@@ -202,7 +202,7 @@ def self_distill(
     special tokens. The model must not be patched: the teacher is full attention.
     """
     target = _transformers_model(model)
-    if hasattr(target, _STATE):
+    if is_patched(target):
         raise ValueError(
             "self_distill generates the teacher's answers with the original full-attention model, and this model"
             " is patched by swaa: call swaa.unpatch_model(model) first"
@@ -248,10 +248,10 @@ def self_distill(
 
 def swaa_config_of(model) -> SWAAConfig:
     """The SWAAConfig a model (transformers or peft) is patched with."""
-    state = getattr(_transformers_model(model), _STATE, None)
-    if state is None:
+    config = get_config(model)
+    if config is None:
         raise ValueError(f"{type(model).__name__} is not patched by swaa: there is no SWAA config to save")
-    return state.config
+    return config
 
 
 def save_swaa_config(model, directory: str | os.PathLike) -> str:

@@ -167,7 +167,7 @@ def test_bad_input_names_field_value_and_what_is_allowed(call, error, message):
     model = tiny_model("qwen3")
     with pytest.raises(error, match=_escaped(message)):
         call(model)
-    assert not hasattr(model, "_swaa_patch")  # a failed patch leaves the model untouched
+    assert not swaa.is_patched(model)  # a failed patch leaves the model untouched
 
 
 def test_prepared_4d_mask_is_refused():

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..patch import describe, patch_model, unpatch_model
+from ..patch import describe, is_patched, patch_model, unpatch_model
 from .configs import FULL_ATTENTION, config_name, parse_configs, with_baseline
 from .data import Example, encode_prompt, extract_answer, filter_by_length, format_prompt, load_examples
 from .scoring import DEFAULT_LENGTH_EDGES, accuracy_by, get_scorer, length_bin, scorer_name
@@ -84,14 +84,6 @@ def load_model(path: str | os.PathLike, dtype: str = "auto", device: str | None 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
-
-
-def _is_patched(model) -> bool:
-    try:
-        describe(model)
-    except ValueError:
-        return False
-    return True
 
 
 def _synchronize(device: torch.device):
@@ -226,7 +218,7 @@ def run_grid(model, tokenizer, dataset, configs, output_dir: str | os.PathLike |
     score = get_scorer(scorer, judge)
     examples = load_examples(dataset)
     grid = with_baseline(parse_configs(configs))
-    if _is_patched(model):
+    if is_patched(model):
         raise ValueError("model is already patched by swaa: unpatch it (swaa.unpatch_model) so that the full"
                          " attention baseline is the original model")
     prepared = _prepare(examples, tokenizer, chat_template, system, template_kwargs, min_tokens, max_tokens)

@@ -11,6 +11,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import swaa
 from swaa.cache import SWAAStaticCache
+from swaa.rules import layer_rules
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -66,7 +67,7 @@ def test_decode_step_has_no_graph_break_and_no_host_sync():
     model = small_model(torch.bfloat16)
     swaa.patch_model(model, window=48, sink=5, interleave=2, fa_decode=[0])
     ids, mask = prompts([100, 60], 100, seed=2)
-    cache = SWAAStaticCache(model._swaa_patch.rules, 160)
+    cache = SWAAStaticCache(layer_rules(swaa.get_config(model), 4), 160)
     with torch.no_grad():
         out = model(ids, attention_mask=mask, past_key_values=cache, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
         token = out.logits[:, -1:].argmax(-1)
