@@ -61,7 +61,7 @@ def parse_args(argv=None):
                       help="offline CPU demo: tiny Qwen3 + tiny tokenizer + synthetic key-value retrieval")
     data.add_argument("--num-examples", type=int, default=320, help="--tiny: synthetic examples")
 
-    swa = parser.add_argument_group("SWAA (see shared/SWAA.md)")
+    swa = parser.add_argument_group("SWAA (see docs/rules.md)")
     swa.add_argument("--swaa-config", help="a SWAAConfig json file (ours or the authors' fields); overrides the flags")
     swa.add_argument("--window", type=int, default=2048)
     swa.add_argument("--sink", type=int, default=100)

@@ -1,4 +1,4 @@
-"""An independent reference of the SWAA rules (shared/SWAA.md) for the tests: plain loops, float64, an
+"""An independent reference of the SWAA rules (docs/rules.md) for the tests: plain loops, float64, an
 explicit mask per layer, no cache. It imports nothing from swaa, so a bug there cannot hide here."""
 
 from __future__ import annotations

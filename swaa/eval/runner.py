@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..patch import describe, is_patched, patch_model, unpatch_model
+from ..patch import is_patched, patch_model, unpatch_model
 from .configs import FULL_ATTENTION, config_name, parse_configs, with_baseline
 from .data import Example, encode_prompt, extract_answer, filter_by_length, format_prompt, load_examples
 from .scoring import DEFAULT_LENGTH_EDGES, accuracy_by, get_scorer, length_bin, scorer_name
