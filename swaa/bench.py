@@ -330,6 +330,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="total generate time for a PROMPT-token prompt and NEW new tokens (e.g. 131072 512)")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, for tests")
     args = parser.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("measures a 4B-parameter model on a CUDA GPU, and this machine has none; --smoke runs a tiny"
+                     " model on the CPU")
 
     cuda = torch.cuda.is_available() and not args.smoke
     torch.manual_seed(0)

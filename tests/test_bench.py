@@ -28,3 +28,13 @@ def test_visible_pairs_counts_window_and_sinks():
     assert bench.visible_pairs(5, 2, 0) == 1 + 2 + 2 + 2 + 2
     # window 2, sink 1: position 2 adds key 0, positions 3 and 4 add key 0 (sinks outside the window)
     assert bench.visible_pairs(5, 2, 1) == 9 + 3
+
+
+def test_without_cuda_it_says_so_at_once(capsys):
+    if bench.torch.cuda.is_available():
+        return
+    try:
+        bench.main(["--decode"])
+    except SystemExit as exit:
+        assert exit.code == 2
+    assert "CUDA GPU" in capsys.readouterr().err
