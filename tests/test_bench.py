@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from swaa import bench
 
 
@@ -30,11 +32,8 @@ def test_visible_pairs_counts_window_and_sinks():
     assert bench.visible_pairs(5, 2, 1) == 9 + 3
 
 
+@pytest.mark.skipif(bench.torch.cuda.is_available(), reason="checks a machine without CUDA")
 def test_without_cuda_it_says_so_at_once(capsys):
-    if bench.torch.cuda.is_available():
-        return
-    try:
+    with pytest.raises(SystemExit) as exit:
         bench.main(["--decode"])
-    except SystemExit as exit:
-        assert exit.code == 2
-    assert "CUDA GPU" in capsys.readouterr().err
+    assert exit.value.code == 2 and "CUDA GPU" in capsys.readouterr().err
