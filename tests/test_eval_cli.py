@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from eval_tiny import tiny_lm, tiny_tokenizer
 
 from swaa.eval.__main__ import main
@@ -77,3 +78,18 @@ def test_importing_swaa_eval_leaves_matplotlib_and_tables_alone():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--configs", '{"windw": 8}'], "unknown SWAA config field"),
+    (["--synthetic", "needle,haystack"], "unknown task"),
+    (["--device", "cuda"], "no CUDA GPU"),
+], ids=["configs", "task", "device"])
+def test_bad_arguments_are_reported_before_the_model_loads(argv, message, capsys, monkeypatch):
+    import swaa.eval.__main__ as cli
+
+    if "--device" in argv and torch.cuda.is_available():
+        pytest.skip("checks a machine without CUDA")
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["--model", "/nonexistent", "--output", "/tmp/unused", "--synthetic", "needle", *argv])

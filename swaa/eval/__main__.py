@@ -13,6 +13,9 @@ import json
 import logging
 import sys
 
+import torch
+
+from .configs import parse_configs
 from .runner import load_model, run_grid
 from .scoring import SCORERS
 from .synthetic import TASKS, synthetic_dataset
@@ -62,6 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         raise SystemExit(f"swaa.eval: --template-kwargs / --length: {error}") from None
     chat_template = {"auto": "auto", "on": True, "off": False}[args.chat_template]
+    try:  # everything that can be checked without the model, before loading it
+        parse_configs(args.configs)
+        unknown = [task.strip() for task in (args.synthetic or "").split(",") if task.strip() and task.strip() not in TASKS]
+        if unknown:
+            raise ValueError(f"--synthetic: unknown task(s) {unknown}; available: {', '.join(TASKS)}")
+        if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise SystemExit(f"swaa.eval: {error}") from None
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
         if args.tokenizer:
