@@ -35,6 +35,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 import swaa
+from swaa.eval.runner import local_model_folder
 from swaa.train import PromptAnswerCollator, SWAAConfigCallback, load_examples, save_swaa_config, self_distill
 
 logger = logging.getLogger("swaa")
@@ -167,11 +168,15 @@ def main(argv=None):
     else:
         if not (args.model and args.data):
             raise SystemExit("--model and --data are needed (or --tiny)")
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        try:
+            folder = local_model_folder(args.model)
+        except ValueError as error:
+            raise SystemExit(f"--model: {error}") from None
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         dtype = torch.bfloat16 if args.bf16 else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
         examples = load_examples(args.data)
         args.lr = args.lr or 1e-4
     args.batch_size = args.batch_size or (8 if args.tiny else 1)

@@ -310,3 +310,11 @@ def test_finetune_example_runs_under_ddp_with_two_processes(tmp_path):
     assert "processes: 2 (DistributedType.MULTI_" in result.stdout
     assert json.loads((out / "losses.json").read_text())["steps"] == 2
     assert (out / "swaa_config.json").exists() and (out / "adapter_model.safetensors").exists()
+
+
+def test_finetune_lora_refuses_a_hub_id_at_once():
+    """Offline there is no hub: the script says so at once instead of retrying for minutes."""
+    script = os.path.join(ROOT, "examples", "finetune_lora.py")
+    result = subprocess.run([sys.executable, script, "--model", "Qwen/Qwen3-4B", "--data", "x.jsonl", "--output-dir",
+                             "/tmp/unused"], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "not a local folder" in result.stderr

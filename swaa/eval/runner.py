@@ -69,14 +69,20 @@ def _bin_order(label: str) -> float:
     return number - (0.5 if label.startswith("<") else 0)
 
 
+def local_model_folder(path: str | os.PathLike) -> str:
+    """``path`` when it is a local folder; else a clear error at once (never minutes of hub retries offline)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"model={path!r}: not a local folder (swaa loads models offline, from save_pretrained)")
+    return path
+
+
 def load_model(path: str | os.PathLike, dtype: str = "auto", device: str | None = None, **kwargs):
     """A causal LM and its tokenizer from a local folder (``from_pretrained``, never the network).
     ``device``: "cpu", "cuda", ... or None for the GPU when there is one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise ValueError(f"model={path!r}: not a local folder (swaa.eval loads models offline, from save_pretrained)")
+    path = local_model_folder(path)
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype, None)
     if torch_dtype is None or (dtype != "auto" and not isinstance(torch_dtype, torch.dtype)):
         raise ValueError(f"dtype={dtype!r}: must be 'auto' or a torch dtype name such as 'bfloat16', 'float32'")
