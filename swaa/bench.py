@@ -276,7 +276,7 @@ def speedups(rows: list[dict]) -> list[dict]:
             for r in rows if r["length"] in full and r["config"] != "full attention (sdpa)"]
 
 
-def plot(ratios: list[dict], path: str) -> None:
+def plot(ratios: list[dict], path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -291,6 +291,7 @@ def plot(ratios: list[dict], path: str) -> None:
     axis.set_ylabel("time-to-first-token speed-up vs full attention")
     axis.axhline(1, color="gray", linewidth=0.8)
     axis.legend(fontsize=8)
+    axis.set_title(title, fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -365,7 +366,11 @@ def main(argv: list[str] | None = None) -> dict:
     with open(args.out, "w") as file:
         json.dump(result, file, indent=1)
     if args.plot and result["speedups"]:
-        plot(result["speedups"], args.plot)
+        shape = TINY if args.smoke else QWEN3_4B
+        plot(result["speedups"], args.plot,
+             f"{result['gpu']}, {'tiny' if args.smoke else 'Qwen3-4B'}-shaped model ({shape['num_hidden_layers']} layers,"
+             f" hidden {shape['hidden_size']}, {shape['num_attention_heads']}/{shape['num_key_value_heads']} heads),"
+             f" {str(dtype).removeprefix('torch.')}, window {WINDOW}, sink {SINK}")
     print(f"\n{result['gpu']}, torch {result['torch']}, transformers {result['transformers']}, {result['date']}")
     if result["kernels"]:
         print(markdown([r for r in result["kernels"] if "tflops" in r], ["length", "kernel", "ms", "tflops"]))
