@@ -42,10 +42,10 @@ def _table_rows(text: str) -> dict[str, list[str]]:
 
 def test_smoke_writes_table_json_plots_and_checkpoint(smoke):
     out, _ = smoke
-    for name in ("results.md", "results.json", "accuracy_vs_time.png", "accuracy_vs_time_direct.png",
+    for name in ("results.md", "results.json", "accuracy_vs_time_direct.png",
                  "accuracy_vs_time_think.png", "model/config.json", "model/task.json"):
         assert (out / name).is_file(), name
-    assert (out / "accuracy_vs_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "accuracy_vs_time_think.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for grid in ("base_direct", "base_think", "finetuned_direct", "finetuned_think"):
         assert (out / "grids" / grid / "results.json").is_file(), grid
 

@@ -542,22 +542,22 @@ def write_plots(rows: list[dict], out: str) -> list[str]:
     except ImportError:
         return []
     paths = []
-    groups = {"": rows, **{f"_{fmt}": [r for r in rows if r["format"] == fmt] for fmt in FORMATS}}
+    groups = {f"_{fmt}": [r for r in rows if r["format"] == fmt] for fmt in FORMATS}  # one plot per format
     for suffix, group in groups.items():
         summary = []
         for r in group:
             if r["accuracy"] != r["accuracy"]:
                 continue
-            label = r["config"] if suffix else f"{r['format']}: {r['config']}"
+            label = r["config"]
             if r["model"] == "finetuned":
                 label += f" [{FT_TAG}]"
-            if suffix and r["model"] == "base" and r["config"] == FULL_ATTENTION:
+            if r["model"] == "base" and r["config"] == FULL_ATTENTION:
                 label = FULL_ATTENTION  # the baseline marker
             summary.append({**r, "config": label})
         if not summary:
             continue
         path = os.path.join(out, f"accuracy_vs_time{suffix}.png")
-        title = f"toy Qwen3 key-value retrieval, {suffix[1:] or 'both'} format(s)"
+        title = f"toy Qwen3 key-value retrieval, {suffix[1:]} format"
         try:
             paths.append(plot_accuracy_vs_time(summary, path, title=title))
         except ImportError as error:
