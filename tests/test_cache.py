@@ -209,6 +209,27 @@ def test_a_patched_assistant_model_gets_a_cache_that_can_roll_back():
     assert torch.equal(plain, assisted)
 
 
+def test_keys_and_values_of_different_widths_multi_head_latent_attention():
+    """DeepSeek-V2 caches keys and values of different widths: the ring stores each with its own width."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    torch.manual_seed(0)
+    config = DeepseekV2Config(
+        vocab_size=61, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4,
+        qk_nope_head_dim=8, v_head_dim=6, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=3,
+        max_position_embeddings=256, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    model = DeepseekV2ForCausalLM(config).double().eval()
+    ids, mask = left_padded([13, 9, 2], total=13, seed=22)
+    fields = dict(window=3, sink=1, interleave=3, fa_decode=False)
+    unbounded = generate(model, fields, ids, mask, False)
+    for kwargs in ({}, dict(cache_implementation="static")):
+        bounded = generate(model, fields, ids, mask, True, **kwargs)
+        ring = bounded.past_key_values.layers[0]
+        assert ring.keys.shape[-1] != ring.values.shape[-1]
+        assert_same_generation(bounded, unbounded)
+
+
 def test_packed_forward_with_a_cache_equals_unbounded():
     model = tiny_model("qwen3")
     ids = torch.randint(1, 50, (1, 12), generator=torch.Generator().manual_seed(19))
