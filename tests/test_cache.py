@@ -275,3 +275,17 @@ def test_cache_memory_benchmark_smoke(tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert out.exists() and "| config |" in result.stdout
+
+
+def test_a_meta_device_model_runs_with_the_bounded_cache():
+    """Shape-only runs (meta tensors) have no values to look at: the ring never needs any."""
+    from tiny import _COMMON
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(Qwen3Config(**{**_COMMON, "head_dim": 8})).eval()
+    swaa.patch_model(model, window=3, sink=1, fa_decode=False)
+    ids = torch.randint(1, 50, (2, 9)).to("meta")
+    out = model(ids)
+    assert isinstance(out.past_key_values, SWAACache) and out.logits.shape == (2, 9, 61)
+    assert model(ids[:, :1], past_key_values=out.past_key_values).logits.shape == (2, 1, 61)
