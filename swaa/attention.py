@@ -53,6 +53,13 @@ def swaa_attention(
     for name, what in _UNSUPPORTED_KWARGS.items():
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"{type(module).__name__} uses {what} ({name}), which swaa does not implement")
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
+        # swaa's mask function hands layers the 2D padding mask; anything else was made by the model itself
+        # (a learned bias, a key selection), which swaa's masks would silently drop
+        raise NotImplementedError(
+            f"{type(module).__name__} hands its attention a {attention_mask.dim()}D mask of its own making (a bias or"
+            " key selection on top of the padding mask), which swaa cannot keep; this model cannot be patched"
+        )
     layer = module.layer_idx
     layout = context.layout
     layout_for = getattr(context.cache, "layout_for", None)

@@ -107,3 +107,22 @@ def test_state_api_and_the_scoped_patch():
     with pytest.raises(RuntimeError, match="boom"), swaa.patched(model, window=2):
         raise RuntimeError("boom")
     assert swaa.get_config(model) == SWAAConfig(window=5)
+
+
+def test_a_model_that_makes_its_own_attention_mask_is_refused_not_silently_changed(monkeypatch):
+    """A model that adds a bias (or selects keys) in the mask it hands its attention: swaa's rule would drop
+    that information, so the call fails instead of returning something else."""
+    from transformers.models.qwen3 import modeling_qwen3
+
+    forward = modeling_qwen3.Qwen3Attention.forward
+
+    def with_a_bias(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs):
+        if attention_mask is not None and attention_mask.dim() == 2:
+            attention_mask = attention_mask[:, None, None, :].to(hidden_states.dtype) * 0.5  # a "learned" bias
+        return forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_qwen3.Qwen3Attention, "forward", with_a_bias)
+    model = swaa.patch_model(tiny_model("qwen3"), window=2, sink=1)
+    ids, mask = left_padded([6, 4], total=6, seed=44)
+    with pytest.raises(NotImplementedError, match="mask of its own making"):
+        model(ids, attention_mask=mask)
