@@ -53,6 +53,7 @@ CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")  # what swaa's caches honour
 _METHODS = ("generate", "_prepare_cache_for_generation", "_prepare_static_cache")
 LABELS_KWARG = "swaa_labels"  # labels handed from the LM head's forward down to the decoder's hook
 _STATE = "_swaa_patch"
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}  # swaa replaces all three
 
 
 @dataclasses.dataclass
@@ -102,6 +103,14 @@ def _check_supported(model: PreTrainedModel) -> int:
     bidirectional = [type(m).__name__ for m in model.modules() if getattr(m, "is_causal", True) is False]
     if bidirectional:
         raise ValueError(f"{name} has bidirectional attention ({bidirectional[0]}); swaa patches causal decoders")
+    other_layers = sorted(set(getattr(config, "layer_types", None) or []) - ATTENTION_LAYER_TYPES)
+    if other_layers:
+        raise ValueError(
+            f"{name} has layers of type {other_layers}: they keep a state (linear attention, convolutions, ...)"
+            " that swaa's caches do not hold"
+        )
+    if not getattr(type(model), "_supports_default_dynamic_cache", lambda: True)():
+        raise ValueError(f"{name} keeps a cache of its own, which swaa's caches cannot stand in for")
     if getattr(config, "attn_logit_softcapping", None) is not None:
         raise ValueError(
             f"{name} soft-caps its attention logits (attn_logit_softcapping={config.attn_logit_softcapping}),"
