@@ -123,10 +123,14 @@ def _check_supported(model: PreTrainedModel) -> int:
 
 
 def _decoder(model: PreTrainedModel) -> torch.nn.Module:
-    """The module that holds the layers: its forward gets swaa's hooks. Through ``get_decoder`` where the
-    model has one, since some models are their own ``base_model`` and would never pass labels down."""
+    """The module that holds the layers: its forward gets swaa's hooks, and a model head around it passes its
+    labels down. Some heads are their own ``base_model`` (Llama4ForCausalLM): their decoder is then the one
+    child model they hold."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    return decoder if isinstance(decoder, torch.nn.Module) else model.base_model
+    if not isinstance(decoder, torch.nn.Module) or decoder is model:
+        decoder = model.base_model
+    children = [child for child in model.children() if isinstance(child, PreTrainedModel)]
+    return children[0] if decoder is model and len(children) == 1 else decoder
 
 
 def _resolve_config(model: PreTrainedModel, config, fields: dict) -> SWAAConfig:

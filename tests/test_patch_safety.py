@@ -126,3 +126,15 @@ def test_a_model_that_makes_its_own_attention_mask_is_refused_not_silently_chang
     ids, mask = left_padded([6, 4], total=6, seed=44)
     with pytest.raises(NotImplementedError, match="mask of its own making"):
         model(ids, attention_mask=mask)
+
+
+def test_labels_reach_the_decoder_of_a_model_that_is_its_own_base_model():
+    """Llama4ForCausalLM is its own base_model: its labels must still say where answers start."""
+    from test_family_sweep import tiny as tiny_family
+
+    model = tiny_family("llama4_text")
+    assert model.base_model is model
+    swaa.patch_model(model, window=2, sink=1).train()
+    ids = torch.randint(3, 60, (1, 10), generator=torch.Generator().manual_seed(45))
+    labels = ids.masked_fill(torch.arange(10) < 6, -100)
+    assert model(ids, labels=labels).loss.isfinite()
