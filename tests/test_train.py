@@ -294,15 +294,6 @@ def test_train_speed_benchmark_smoke(tmp_path):
     assert result.stdout.strip().splitlines()[-1].startswith("|")
 
 
-def free_port() -> int:
-    """A port no other process listens on now: two test runs on one machine must not share one."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
                     reason="two processes need two GPUs on a CUDA machine (NCCL); on a CPU-only machine they use gloo")
 def test_finetune_example_runs_under_ddp_with_two_processes(tmp_path):
@@ -310,7 +301,7 @@ def test_finetune_example_runs_under_ddp_with_two_processes(tmp_path):
     PeftModel inside DistributedDataParallel, gradient checkpointing and packing on; rank 0 saves."""
     out = tmp_path / "ddp"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
          os.path.join(ROOT, "examples", "finetune_lora.py"), "--tiny", "--output-dir", str(out), "--max-steps", "2",
          "--num-examples", "24", "--eval-examples", "8", "--batch-size", "2", "--gradient-checkpointing", "--packing"],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
