@@ -139,36 +139,32 @@ class Layout:
 
     def plain(self) -> bool:
         """Every row is one sequence with no padding and all its keys, so position == index: the case
-        where fused kernels need no position tensors. Looks at the positions (one host sync, once per
-        layout) only when the build could not tell, and never while compiling (then: False, which is exact)."""
-        if self.positions_are_indices is not None:
-            return self.positions_are_indices
-        if torch.compiler.is_compiling():
-            return False
-        if "plain" not in self.memo:
+        where fused kernels need no position tensors."""
+        def look():
             index = torch.arange(self.key_pos.shape[1], device=self.key_pos.device)
-            self.memo["plain"] = self.query_seq is None and bool((self.key_pos == index).all())
-        return self.memo["plain"]
+            return self.query_seq is None and bool((self.key_pos == index).all())
+
+        return self._answer("plain", self.positions_are_indices, False, look)
 
     def any_generated(self) -> bool:
-        """Whether some query is a generated token; True when unknown while compiling (always exact to assume)."""
-        if self.may_be_generated is not None:
-            return self.may_be_generated
-        if torch.compiler.is_compiling():
-            return True
-        if "any_generated" not in self.memo:
-            self.memo["any_generated"] = bool(self.query_generated.any())
-        return self.memo["any_generated"]
+        """Whether some query is a generated token."""
+        return self._answer("any_generated", self.may_be_generated, True, lambda: bool(self.query_generated.any()))
 
     def all_generated(self) -> bool:
-        """Whether every query is a generated token; False when unknown while compiling (always exact to assume)."""
-        if self.may_be_generated is False:
-            return False
+        """Whether every query is a generated token."""
+        known = False if self.may_be_generated is False else None
+        return self._answer("all_generated", known, False, lambda: bool(self.query_generated.all()))
+
+    def _answer(self, name: str, known: bool | None, compiling: bool, look) -> bool:
+        """``known`` when the build could tell; while compiling, the answer that is always exact to assume
+        (no host sync in a compiled step); else ``look()`` at the tensors once per layout (one host sync)."""
+        if known is not None:
+            return known
         if torch.compiler.is_compiling():
-            return False
-        if "all_generated" not in self.memo:
-            self.memo["all_generated"] = bool(self.query_generated.all())
-        return self.memo["all_generated"]
+            return compiling
+        if name not in self.memo:
+            self.memo[name] = look()
+        return self.memo[name]
 
     def mask(self, rule: LayerRule) -> torch.Tensor:
         """Dense (batch, q_len, kv_len) bool mask of what each query sees under ``rule``; O(L^2) memory."""
