@@ -32,3 +32,11 @@ def test_sdpa_paths_equal_reference_where_they_apply(case):
         pytest.skip("padding: not an sdpa case")
     output, _ = sdpa.attend(query, key, value, rule=case.rule, layout=layout, scaling=scaling)
     torch.testing.assert_close(output, reference_output(query, key, value, expected, scaling), rtol=1e-10, atol=1e-10)
+
+
+def test_flash_refuses_attention_dropout(monkeypatch):
+    fa2_stand_in.install(monkeypatch)
+    case = CASES[1]
+    query, key, value, layout, _ = make_inputs(case)
+    with pytest.raises(ValueError, match="backend='flash' has no attention dropout"):
+        flash.attend(query, key, value, rule=case.rule, layout=layout, scaling=1.0, dropout=0.1)

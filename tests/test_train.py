@@ -35,8 +35,8 @@ def tiny_tokenizer():
 
 
 def patched_for(backend):
-    """The tiny model patched with ``backend``: float64 on the CPU; on a GPU bf16 with head_dim 16, which
-    FA2 and FlexAttention need."""
+    """The tiny model patched with ``backend``: float64 on the CPU; on a GPU bf16 with head_dim 64, which
+    FA2 and FlexAttention take (also the trimmed flash-attn build of benchmarks/build_flash_attn.sh)."""
     if backend != "reference" and not torch.cuda.is_available():
         pytest.skip(f"backend={backend!r} needs a CUDA GPU")
     if not torch.cuda.is_available():
@@ -45,7 +45,7 @@ def patched_for(backend):
 
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, pad_token_id=0,
                          eos_token_id=None, bos_token_id=None)
     model = Qwen3ForCausalLM(config).to("cuda", torch.bfloat16).eval()
     return swaa.patch_model(model, **FIELDS, backend=backend)
