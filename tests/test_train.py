@@ -282,9 +282,10 @@ def test_finetune_example_tiny_lowers_the_loss_and_saves_adapter_and_config(tmp_
 
 
 def test_train_speed_benchmark_smoke(tmp_path):
-    out = tmp_path / "speed.json"
+    out, profile = tmp_path / "speed.json", tmp_path / "profile.txt"
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "train_speed.py"), "--smoke", "--json", str(out)],
+        [sys.executable, os.path.join(ROOT, "benchmarks", "train_speed.py"), "--smoke", "--json", str(out),
+         "--profile", str(profile)],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -292,6 +293,32 @@ def test_train_speed_benchmark_smoke(tmp_path):
     assert {row["attention"] for row in rows} >= {"full (sdpa)", "swaa reference"}
     assert all(row["tokens_per_s"] > 0 for row in rows if row["status"] == "ok")
     assert result.stdout.strip().splitlines()[-1].startswith("|")
+    assert profile.read_text().count("one step profiled") == len(rows) and "Self CPU" in profile.read_text()
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["full", "swaa"])
+def test_train_speed_answer_logits_give_the_loss_and_gradients_of_all_logits(patched):
+    """The benchmark's default (LM head on the answer only, prompt_len for swaa) trains exactly as the full
+    logits with labels do."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import train_speed
+    finally:
+        sys.path.pop(0)
+    model = tiny_model("qwen3")
+    if patched:
+        swaa.patch_model(model, **FIELDS, backend="reference")
+    losses, grads = [], []
+    for logits in ["all", "answer"]:
+        args = train_speed.parse_args(["--smoke", "--logits", logits])
+        model.zero_grad()
+        loss = model(**train_speed.step_inputs(args, 40, VOCAB, torch.device("cpu"))).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(losses[0], losses[1])
+    for all_logits, answer_logits in zip(*grads):
+        torch.testing.assert_close(all_logits, answer_logits)
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
