@@ -84,6 +84,14 @@ def reference_output(query, key, value, expected, scaling):
     return output.transpose(1, 2)
 
 
+def output_and_gradients(attend, query, key, value, upstream):
+    """``attend(query, key, value)`` -> (batch, q, heads, d), and dq, dk, dv for the gradient ``upstream``
+    of that output: (output, dq, dk, dv), detached."""
+    inputs = [t.detach().requires_grad_() for t in (query, key, value)]
+    output = attend(*inputs)
+    return output.detach(), *torch.autograd.grad(output, inputs, upstream.to(output))
+
+
 W = LayerRule
 CASES = [
     Case((9, 6, 3), None, W(3)),
@@ -104,4 +112,13 @@ CASES = [
     Case((7,), None, W(3, sink=1), heads=8, kv_heads=1),
     Case((1,), None, W(3, sink=1), packed=(5, 1, 7, 3)),
     Case((1,), None, W(2, sink=2), packed=(6, 6)),
+]
+
+# Training calls (several queries each) for the gradient tests: CASES without decode steps, and larger ones
+# where windowed queries of several lengths merge sinks, with GQA, padding and packing.
+GRADIENT_CASES = [c for c in CASES if c.q_len != 1] + [
+    Case((29, 17, 5), None, W(6, sink=3), heads=8, kv_heads=2),
+    Case((23, 23), None, W(5, sink=0), heads=4, kv_heads=1),
+    Case((21, 14), None, W(4, sink=2, fa_decode=True), prompt_end=15),  # answers see every key (FA decode)
+    Case((1,), None, W(4, sink=2), packed=(12, 3, 9), heads=6, kv_heads=3),
 ]

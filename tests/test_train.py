@@ -35,8 +35,8 @@ def tiny_tokenizer():
 
 
 def patched_for(backend):
-    """The tiny model patched with ``backend``: float64 on the CPU; on a GPU bf16 with head_dim 16, which
-    FA2 and FlexAttention need."""
+    """The tiny model patched with ``backend``: float64 on the CPU; on a GPU bf16 with head_dim 64, which
+    FA2 and FlexAttention take (also the trimmed flash-attn build of benchmarks/build_flash_attn.sh)."""
     if backend != "reference" and not torch.cuda.is_available():
         pytest.skip(f"backend={backend!r} needs a CUDA GPU")
     if not torch.cuda.is_available():
@@ -45,7 +45,7 @@ def patched_for(backend):
 
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, pad_token_id=0,
                          eos_token_id=None, bos_token_id=None)
     model = Qwen3ForCausalLM(config).to("cuda", torch.bfloat16).eval()
     return swaa.patch_model(model, **FIELDS, backend=backend)
@@ -282,9 +282,10 @@ def test_finetune_example_tiny_lowers_the_loss_and_saves_adapter_and_config(tmp_
 
 
 def test_train_speed_benchmark_smoke(tmp_path):
-    out = tmp_path / "speed.json"
+    out, profile = tmp_path / "speed.json", tmp_path / "profile.txt"
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "train_speed.py"), "--smoke", "--json", str(out)],
+        [sys.executable, os.path.join(ROOT, "benchmarks", "train_speed.py"), "--smoke", "--json", str(out),
+         "--profile", str(profile)],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -292,6 +293,32 @@ def test_train_speed_benchmark_smoke(tmp_path):
     assert {row["attention"] for row in rows} >= {"full (sdpa)", "swaa reference"}
     assert all(row["tokens_per_s"] > 0 for row in rows if row["status"] == "ok")
     assert result.stdout.strip().splitlines()[-1].startswith("|")
+    assert profile.read_text().count("one step profiled") == len(rows) and "Self CPU" in profile.read_text()
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["full", "swaa"])
+def test_train_speed_answer_logits_give_the_loss_and_gradients_of_all_logits(patched):
+    """The benchmark's default (LM head on the answer only, prompt_len for swaa) trains exactly as the full
+    logits with labels do."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import train_speed
+    finally:
+        sys.path.pop(0)
+    model = tiny_model("qwen3")
+    if patched:
+        swaa.patch_model(model, **FIELDS, backend="reference")
+    losses, grads = [], []
+    for logits in ["all", "answer"]:
+        args = train_speed.parse_args(["--smoke", "--logits", logits])
+        model.zero_grad()
+        loss = model(**train_speed.step_inputs(args, 40, VOCAB, torch.device("cpu"))).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(losses[0], losses[1])
+    for all_logits, answer_logits in zip(*grads):
+        torch.testing.assert_close(all_logits, answer_logits)
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,

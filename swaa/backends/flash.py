@@ -1,8 +1,8 @@
 """FA2 backend: flash-attention's windowed kernel, with the sinks merged in exactly.
 
-Uses ``flash_attn``'s varlen function when the package is installed, else the FA2 kernel inside PyTorch
-(``aten._flash_attention_forward``, which takes window sizes and returns the log-sum-exp). Padded and
-packed batches are unpadded into variable-length sequences.
+Uses ``flash_attn``'s varlen forward and backward when the package is installed, else the FA2 kernels inside
+PyTorch (``aten._flash_attention_forward`` / ``_backward``, which take window sizes and return the
+log-sum-exp). Padded and packed batches are unpadded into variable-length sequences.
 
 Each sequence's queries fall into runs of one kind, in position order:
 - full: the query sees every earlier key. Full layers, generated tokens under FA decode, and prompt
@@ -10,6 +10,8 @@ Each sequence's queries fall into runs of one kind, in position order:
 - windowed: the query sees its window and, separately, the ``sink`` first keys, which lie wholly before
   the window. FA2 with ``window_size=(window - 1, 0)`` gives the first part, a small non-causal FA2 call
   over the sinks the second, and the two are merged through their log-sum-exp; nothing is counted twice.
+  Gradients are exact: ``_Attention`` drives each call's FA2 backward with the merged output and
+  log-sum-exp.
 Every run is one causal FA2 sequence aligned bottom-right: its queries are the last of its keys. Keys are
 found by position, so a bounded cache (sinks, then the window) works as well as a full one.
 """
@@ -37,36 +39,6 @@ def available(device: torch.device) -> str | None:
     return None
 
 
-def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, window_left, scaling, dropout):
-    """FA2 over packed sequences: q (total_q, heads, d), k/v (total_k, kv_heads, d).
-    Returns output (total_q, heads, d) and log-sum-exp (total_q, heads), float32."""
-    if importlib.util.find_spec("flash_attn") is not None:
-        from flash_attn import flash_attn_varlen_func
-
-        output, lse, _ = flash_attn_varlen_func(
-            q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout, softmax_scale=scaling, causal=causal,
-            window_size=(window_left, 0 if causal else -1), return_attn_probs=True,
-        )
-    else:
-        output, lse, *_ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, False, scale=scaling,
-            window_size_left=window_left, window_size_right=0 if causal else -1,
-        )
-    return output, lse.transpose(0, 1)  # FA2 gives the log-sum-exp as (heads, total_q)
-
-
-def _merge(near, near_lse, far, far_lse):
-    """Softmax over the union of two disjoint key sets, from each part's output and log-sum-exp."""
-    far_share = torch.sigmoid(far_lse - near_lse)[..., None]  # exp(far) / (exp(near) + exp(far))
-    wide = torch.promote_types(near.dtype, torch.float32)
-    return torch.lerp(near.to(wide), far.to(wide), far_share.to(wide)).to(near.dtype)
-
-
-@functools.cache
-def _compiled_merge():
-    return torch.compile(_merge)  # one fused kernel instead of several passes over float32 temporaries
-
-
 @dataclass
 class _Call:
     """One FA2 call over packed runs: which query and key slots (flattened batch x length) it takes."""
@@ -81,8 +53,104 @@ class _Call:
     window_left: int
 
 
-def _plan(rule: LayerRule, layout: Layout) -> tuple[_Call | None, _Call | None, _Call | None]:
-    """The (full, windowed, sinks) calls for this rule and layout; computed once per forward."""
+def _has_package() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _varlen_forward(q, k, v, call: _Call, scaling: float):
+    """FA2 forward of one call over packed runs: q (total_q, heads, d), k/v (total_k, kv_heads, d).
+    Returns the output (total_q, heads, d), the log-sum-exp (heads, total_q) float32 and the kernel's RNG
+    state for its backward. Like every FA2 kernel, nothing it returns carries a gradient."""
+    window_right = 0 if call.causal else -1
+    if _has_package():
+        from flash_attn.flash_attn_interface import _flash_attn_varlen_forward
+
+        output, lse, _, rng_state = _flash_attn_varlen_forward(
+            q, k, v, call.cu_q, call.cu_k, call.max_q, call.max_k, 0.0, scaling, call.causal,
+            call.window_left, window_right,
+        )
+        return output, lse, (rng_state,)
+    output, lse, philox_seed, philox_offset, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, call.cu_q, call.cu_k, call.max_q, call.max_k, 0.0, call.causal, False, scale=scaling,
+        window_size_left=call.window_left, window_size_right=window_right,
+    )
+    return output, lse, (philox_seed, philox_offset)
+
+
+def _varlen_backward(grad_output, q, k, v, output, lse, rng_state, call: _Call, scaling: float):
+    """FA2 backward of one call: (dq, dk, dv) shaped like (q, k, v). ``output`` and ``lse`` may be those of
+    a softmax over more keys than this call's: the kernel recomputes the probabilities as exp(score - lse)
+    and takes D = rowsum(grad_output * output), so it then gives this call's share of that softmax's
+    gradient."""
+    window_right = 0 if call.causal else -1
+    grad_output = grad_output.contiguous()
+    if _has_package():
+        from flash_attn.flash_attn_interface import _flash_attn_varlen_backward
+
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _flash_attn_varlen_backward(
+            grad_output, q, k, v, output, lse, dq, dk, dv, call.cu_q, call.cu_k, call.max_q, call.max_k, 0.0,
+            scaling, call.causal, call.window_left, window_right, 0.0, None, False, *rng_state,
+        )
+        return dq, dk, dv
+    return torch.ops.aten._flash_attention_backward(
+        grad_output, q, k, v, output, lse, call.cu_q, call.cu_k, call.max_q, call.max_k, 0.0, call.causal,
+        *rng_state, scale=scaling, window_size_left=call.window_left, window_size_right=window_right,
+    )
+
+
+def _merge(near, near_lse, far, far_lse):
+    """Softmax over the union of two disjoint key sets, from each part's output (total_q, heads, d) and
+    log-sum-exp (heads, total_q): the union's output and log-sum-exp."""
+    far_share = torch.sigmoid(far_lse - near_lse).transpose(0, 1)[..., None]  # exp(far) / (exp(near) + exp(far))
+    wide = torch.promote_types(near.dtype, torch.float32)
+    output = torch.lerp(near.to(wide), far.to(wide), far_share.to(wide)).to(near.dtype)
+    return output, torch.logaddexp(near_lse, far_lse)
+
+
+@functools.cache
+def _compiled_merge():
+    return torch.compile(_merge)  # one fused kernel instead of several passes over float32 temporaries
+
+
+class _Attention(torch.autograd.Function):
+    """Softmax attention of one set of queries over the union of disjoint key sets, one FA2 call per set
+    (``calls``, all over the same queries), merged through the log-sum-exp.
+
+    Backward, the identity ring attention uses: each call's FA2 backward, handed the merged output and
+    log-sum-exp instead of its own, gives exactly that call's keys' share of dq, dk and dv (its
+    probabilities exp(score - lse) are then the merged softmax's, and so is D = rowsum(dout * out)); dq
+    is their sum. FA2's log-sum-exp has no gradient, so autograd through the merge would drop the terms
+    that flow through the merge weights."""
+
+    @staticmethod
+    def forward(ctx, query, scaling, calls, *keys_values):
+        output, lse, rng_states = None, None, []
+        for call, key, value in zip(calls, keys_values[::2], keys_values[1::2]):
+            part, part_lse, rng_state = _varlen_forward(query, key, value, call, scaling)
+            rng_states.append(rng_state)
+            if output is None:
+                output, lse = part, part_lse
+            else:
+                output, lse = (_compiled_merge() if part.is_cuda else _merge)(output, lse, part, part_lse)
+        ctx.save_for_backward(query, output, lse, *keys_values)
+        ctx.scaling, ctx.calls, ctx.rng_states = scaling, calls, rng_states
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, output, lse, *keys_values = ctx.saved_tensors
+        grad_query, grad_keys_values = 0, []
+        for call, key, value, rng_state in zip(ctx.calls, keys_values[::2], keys_values[1::2], ctx.rng_states):
+            dq, dk, dv = _varlen_backward(grad_output, query, key, value, output, lse, rng_state, call, ctx.scaling)
+            grad_query = grad_query + dq.to(torch.promote_types(dq.dtype, torch.float32))
+            grad_keys_values += [dk, dv]
+        return grad_query.to(query.dtype), None, None, *grad_keys_values
+
+
+def _plan(rule: LayerRule, layout: Layout) -> tuple[tuple[_Call, ...], ...]:
+    """The calls for this rule and layout, grouped by the queries they serve: (full,) and (windowed, sinks),
+    or fewer where no query needs them; computed once per forward."""
     query_pos = layout.query_pos.tolist()
     key_pos = layout.key_pos.tolist()
     generated = layout.query_generated.tolist()
@@ -136,11 +204,12 @@ def _plan(rule: LayerRule, layout: Layout) -> tuple[_Call | None, _Call | None, 
             causal=kind != "sink", window_left=rule.window - 1 if kind == "window" else -1,
         )
 
-    return (
-        call("full", lambda run: (0, run["last"] + 1)),
-        call("window", lambda run: (max(window_start(rule, run["first"]), 0), run["last"] + 1)),
-        call("sink", lambda run: (0, rule.sink)),
+    groups = (
+        (call("full", lambda run: (0, run["last"] + 1)),),
+        (call("window", lambda run: (max(window_start(rule, run["first"]), 0), run["last"] + 1)),
+         call("sink", lambda run: (0, rule.sink))),
     )
+    return tuple(calls for calls in (tuple(c for c in group if c is not None) for group in groups) if calls)
 
 
 def attend(
@@ -156,34 +225,18 @@ def attend(
 ) -> tuple[torch.Tensor, None]:
     """query: (batch, heads, q_len, head_dim); key, value: (batch, kv_heads, kv_len, head_dim).
     Returns (batch, q_len, heads, head_dim); padding queries give 0."""
+    if dropout:
+        raise ValueError(f"backend='flash' has no attention dropout (dropout={dropout}); use backend='reference'")
     memo_key = ("flash", rule)
     if memo_key not in layout.memo:
         layout.memo[memo_key] = _plan(rule, layout)
-    full, window, sinks = layout.memo[memo_key]
-    if window is not None and sinks is not None and torch.is_grad_enabled() and any(
-            t.requires_grad for t in (query, key, value)):
-        raise NotImplementedError(
-            f"backend='flash' with sink={rule.sink} cannot train yet: FA2 returns its log-sum-exp without a"
-            " gradient, so merging the window and sink calls would silently drop gradient terms; train with"
-            " backend='flex' (or 'auto' on a GPU), or with sink=0"
-        )
     batch, heads, q_len, head_dim = query.shape
     queries = query.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
     keys = key.transpose(1, 2).reshape(-1, key.shape[1], head_dim)
     values = value.transpose(1, 2).reshape(-1, key.shape[1], head_dim)
-
-    def run(call: _Call):
-        return _flash_varlen(
-            queries[call.query_index], keys[call.key_index], values[call.key_index], call.cu_q, call.cu_k,
-            call.max_q, call.max_k, call.causal, call.window_left, scaling, dropout,
-        )
-
     output = queries.new_zeros(queries.shape)
-    if full is not None:
-        output = output.index_copy(0, full.query_index, run(full)[0])
-    if window is not None:
-        near, near_lse = run(window)
-        if sinks is not None:
-            near = (_compiled_merge() if near.is_cuda else _merge)(near, near_lse, *run(sinks))
-        output = output.index_copy(0, window.query_index, near.to(output.dtype))
+    for calls in layout.memo[memo_key]:
+        query_index = calls[0].query_index  # every call of a group serves the same queries
+        keys_values = [t[call.key_index] for call in calls for t in (keys, values)]
+        output = output.index_copy(0, query_index, _Attention.apply(queries[query_index], scaling, calls, *keys_values))
     return output.view(batch, q_len, heads, head_dim), None

@@ -1,13 +1,17 @@
 """GPU backends against the float64 reference (run on the H100; skipped without CUDA).
 
 Tolerance rule (flash-attn's tests): a backend's error against float64 is at most twice the error of plain
-PyTorch attention (dense mask, same low precision) plus a small floor."""
+PyTorch attention (dense mask, same low precision) for outputs, three times for dq, dk and dv, plus a small
+floor. The flash backend runs twice where the flash-attn package is installed: through the package and
+through PyTorch's own FA2 kernels."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
-from kernel_cases import CASES, Case, make_inputs, reference_output
+from kernel_cases import CASES, GRADIENT_CASES, Case, make_inputs, output_and_gradients, reference_output
 
 import swaa
 from swaa.backends import flash, flex, reference, sdpa
@@ -15,7 +19,20 @@ from swaa.layout import Layout
 from swaa.rules import LayerRule
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-BACKENDS = {"flex": flex.attend, "flash": flash.attend}
+FLASH_PACKAGE = importlib.util.find_spec("flash_attn") is not None
+BACKENDS = ["flex", "flash-torch", "flash-package"]
+
+
+@pytest.fixture
+def attend(backend, monkeypatch):
+    """The attend function of ``backend``; flash-torch: PyTorch's FA2 kernels even where flash-attn is installed."""
+    if backend == "flex":
+        return flex.attend
+    if backend == "flash-package" and not FLASH_PACKAGE:
+        pytest.skip("the flash-attn package is not installed (benchmarks/build_flash_attn.sh builds it)")
+    if backend == "flash-torch":
+        monkeypatch.setattr(flash, "_has_package", lambda: False)
+    return flash.attend
 
 
 def error(output, expected):
@@ -32,6 +49,25 @@ def check(attend, case, dtype, seed=0):
     assert error(output, expected) <= 2 * error(plain, expected) + 1e-3, (error(output, expected), error(plain, expected))
 
 
+def check_gradients(attend, case, dtype, seed=0):
+    """Output within 2x and dq, dk, dv within 3x plain PyTorch attention's error at ``dtype``."""
+    query, key, value, layout, expected_mask = make_inputs(case, device="cuda", dtype=dtype, seed=seed)
+    scaling = case.head_dim**-0.5
+    upstream = torch.randn(query.shape[0], query.shape[2], query.shape[1], query.shape[3],
+                           generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    expected = output_and_gradients(lambda q, k, v: reference_output(q, k, v, expected_mask, scaling),
+                                    query.double(), key.double(), value.double(), upstream)
+    inputs = (query, key, value, upstream.to("cuda"))
+    got = output_and_gradients(lambda q, k, v: attend(q, k, v, rule=case.rule, layout=layout, scaling=scaling)[0],
+                               *inputs)
+    plain = output_and_gradients(
+        lambda q, k, v: reference.attend(q, k, v, rule=case.rule, layout=layout, scaling=scaling)[0], *inputs)
+    for name, factor, actual, baseline, wanted in zip(["output", "dq", "dk", "dv"], [2, 3, 3, 3], got, plain, expected):
+        assert not actual.isnan().any(), name
+        assert error(actual, wanted) <= factor * error(baseline, wanted) + 1e-3, (name, error(actual, wanted),
+                                                                                 error(baseline, wanted))
+
+
 GPU_CASES = [
     Case(c.lengths, c.q_len, c.rule, c.prompt_end, heads=h, kv_heads=h // g, head_dim=d, packed=c.packed)
     for c in CASES
@@ -42,8 +78,27 @@ GPU_CASES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_equals_reference(backend, case, dtype):
-    check(BACKENDS[backend], case, dtype)
+def test_backend_equals_reference(attend, case, dtype):
+    check(attend, case, dtype)
+
+
+# Training calls: GQA 4 at head dim 128 (Qwen3-4B's shape), one key head per query head at 64, and the
+# call where dropping the sink merge's gradient was measured (window 64, sink 16, 512 tokens: 1.5e-1 error).
+GPU_GRADIENT_CASES = [
+    Case(c.lengths, c.q_len, c.rule, c.prompt_end, heads=h, kv_heads=h // g, head_dim=d, packed=c.packed)
+    for c in GRADIENT_CASES
+    for (h, g, d) in [(8, 4, 128), (4, 1, 64)]
+] + [
+    Case((512,), None, LayerRule(64, sink=16), heads=8, kv_heads=2, head_dim=128),
+    Case((512, 301), None, LayerRule(64, sink=16), heads=8, kv_heads=2, head_dim=64),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", GPU_GRADIENT_CASES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_gradients_equal_reference(attend, case, dtype):
+    check_gradients(attend, case, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
@@ -75,7 +130,7 @@ def blockwise_reference(query, key, value, layout, rule, scaling, rows=2048):
 @pytest.mark.parametrize("length", [4096, 32768])
 @pytest.mark.parametrize("rule", [LayerRule(2048, 100), LayerRule(2048, 0), LayerRule(1000, 4), LayerRule(None)], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_long_sequences(backend, rule, length):
+def test_long_sequences(attend, rule, length):
     torch.manual_seed(0)
     batch, heads, kv_heads, d = 1, 4, 1, 128
     q = torch.randn(batch, heads, length, d, device="cuda", dtype=torch.bfloat16)
@@ -84,18 +139,19 @@ def test_long_sequences(backend, rule, length):
     layout = Layout.build(batch_size=1, q_len=length, past_len=0, device=torch.device("cuda"))
     scaling = d**-0.5
     expected = blockwise_reference(q, k, v, layout, rule, scaling)
-    output, _ = BACKENDS[backend](q, k, v, rule=rule, layout=layout, scaling=scaling)
+    output, _ = attend(q, k, v, rule=rule, layout=layout, scaling=scaling)
     relative_error = ((output.double() - expected).norm() / expected.norm()).item()
     assert relative_error < 1e-2, relative_error  # bf16 operands: between 1e-3 and 1e-2
 
 
 def tiny_gpu_model(dtype=torch.bfloat16):
-    """A tiny Qwen3 with head_dim 32 (FA2 and FlexAttention kernels want head dims of 16 or more)."""
+    """A tiny Qwen3 with head_dim 64 (FlexAttention wants 16 or more; the trimmed flash-attn build of
+    benchmarks/build_flash_attn.sh has 64 and 128 only)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=61, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, eos_token_id=None, pad_token_id=0)
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, eos_token_id=None, pad_token_id=0)
     return Qwen3ForCausalLM(config).to(dtype).cuda().eval()
 
 
