@@ -14,9 +14,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, s
     grep -E "passed|failed|^E " "$OUT/gpu_tests.log" | tail -8; }
 [ -n "${SKIP_MODEL:-}" ] || { step model 300 python3 -m swaa.bench --skip-kernels --lengths ${LENGTHS:-16384 32768 65536 131072} \
     --out "$OUT/model.json" --plot "$OUT/speedup.png"; tail -28 "$OUT/model.log"; }
-[ -n "${SKIP_DECODE:-}" ] || { step decode 540 python3 -m swaa.bench --skip-kernels --skip-model --decode ${DECODE_LENGTHS:-4096 131072} \
-    --paths "unpatched, static" "interleave 2, static" "SWA (no FA decode), static" \
-    --e2e 131072 512 --e2e-paths "interleave 2, static" "SWA (no FA decode), static" --out "$OUT/decode.json"; tail -14 "$OUT/decode.log"; }
+[ -n "${SKIP_DECODE:-}" ] || { step decode 1500 python3 -m swaa.bench --skip-kernels --skip-model --decode ${DECODE_LENGTHS:-4096 32768 131072} \
+    --paths unpatched native "interleave 2," "SWA (no FA decode)" \
+    --e2e 131072 512 --e2e-paths unpatched "interleave 2, static" "SWA (no FA decode), static" --out "$OUT/decode.json"; tail -24 "$OUT/decode.log"; }
 [ -n "${SKIP_KERNELS:-}" ] || { step kernels 100 python3 -m swaa.bench --skip-model --lengths ${LENGTHS:-16384 32768 65536 131072} \
     --out "$OUT/kernels.json"; tail -32 "$OUT/kernels.log"; }
 [ -n "${SKIP_TUNING:-}" ] || { step tuning 60 python3 benchmarks/flex_tuning.py; cat "$OUT/tuning.log" | grep options; }

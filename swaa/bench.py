@@ -208,25 +208,16 @@ def decode_rows(models: dict, lengths: list[int], paths: dict, new_tokens: int, 
     and CUDA graph capture stay out of the timing."""
     rows = []
     for name, path in paths.items():
-        torch._dynamo.reset()  # each path compiles for itself: no shapes made dynamic by another path
-        model = models["native" if path.get("native") else "base"]
-        if path["fields"] is not None:
-            swaa.patch_model(model, window=WINDOW, sink=SINK, **path["fields"])
-        for length in lengths:
-            kwargs = dict(path["generate"])
-            if kwargs:  # one cache size for the untimed and the timed call: no recompilation in between
-                unpatched = path["fields"] is None and not path.get("native")
-                kwargs["max_cache_len"] = length + new_tokens + 1 if unpatched else static_len
-            prompt = torch.randint(1, model.config.vocab_size, (1, length), device=model.device)
-            _timed_generate(model, prompt, 3, **kwargs)  # compiles, captures, warms the allocator
-            ttft, tpot = _timed_generate(model, prompt, new_tokens + 1, **kwargs)
+        def measure(model, length, kwargs):
+            _timed_generate(model, _prompt(model, length), 3, **kwargs)  # compiles, captures, warms the allocator
+            ttft, tpot = _timed_generate(model, _prompt(model, length), new_tokens + 1, **kwargs)
             floor = _floor_seconds(model, path, length, copy_rate)
-            rows.append(dict(path=name, length=length, ttft_s=ttft, tpot_ms=tpot * 1e3, floor_ms=floor * 1e3,
-                             over_floor=tpot / floor, compiled_graphs=_compiled_graphs()))
             print(f"  {name:45s} {length:>7d}: TPOT {tpot * 1e3:.2f} ms (floor {floor * 1e3:.2f}), TTFT {ttft:.2f} s",
                   flush=True)
-        if path["fields"] is not None:
-            swaa.unpatch_model(model)
+            return dict(ttft_s=ttft, tpot_ms=tpot * 1e3, floor_ms=floor * 1e3, over_floor=tpot / floor)
+
+        rows += _per_path(models, name, path, lengths, new_tokens + 1, static_len, measure,
+                          dict(path=name))
     return rows
 
 
@@ -236,20 +227,46 @@ def end_to_end_rows(models: dict, length: int, new_tokens: int, paths: dict, sta
     caches as in ``decode_rows``."""
     rows = []
     for name, path in paths.items():
-        torch._dynamo.reset()
-        model = models["native" if path.get("native") else "base"]
+        def measure(model, length, kwargs):
+            _generate_seconds(model, _prompt(model, length), 3, **kwargs)
+            seconds = _generate_seconds(model, _prompt(model, length), new_tokens, **kwargs)
+            print(f"  {name:45s} {length} + {new_tokens}: {seconds:.2f} s", flush=True)
+            return dict(seconds=seconds)
+
+        rows += _per_path(models, name, path, [length], new_tokens, static_len, measure,
+                          dict(path=name, new_tokens=new_tokens))
+    return rows
+
+
+def _prompt(model, length: int) -> torch.Tensor:
+    return torch.randint(1, model.config.vocab_size, (1, length), device=model.device)
+
+
+def _per_path(models: dict, name: str, path: dict, lengths: list[int], new_tokens: int, static_len: int,
+              measure, row: dict) -> list[dict]:
+    """``measure(model, length, generate_kwargs)`` for one path at each length, with the path's patch
+    applied and its compiled code its own (``torch._dynamo.reset``). A path that fails is a row with its
+    error and the run goes on: one path's failure must not lose the others' numbers."""
+    torch._dynamo.reset()
+    model = models["native" if path.get("native") else "base"]
+    rows = []
+    try:
         if path["fields"] is not None:
             swaa.patch_model(model, window=WINDOW, sink=SINK, **path["fields"])
-        prompt = torch.randint(1, model.config.vocab_size, (1, length), device=model.device)
-        unpatched = path["fields"] is None and not path.get("native")
-        kwargs = dict(path["generate"], max_cache_len=length + new_tokens if unpatched else static_len) if path[
-            "generate"] else {}
-        _generate_seconds(model, prompt, 3, **kwargs)
-        seconds = _generate_seconds(model, prompt, new_tokens, **kwargs)
-        rows.append(dict(path=name, length=length, new_tokens=new_tokens, seconds=seconds))
-        print(f"  {name:45s} {length} + {new_tokens}: {seconds:.2f} s", flush=True)
-        if path["fields"] is not None:
+        for length in lengths:
+            kwargs = dict(path["generate"])
+            if kwargs:  # one cache size for the untimed and the timed call: no recompilation in between
+                unpatched = path["fields"] is None and not path.get("native")
+                kwargs["max_cache_len"] = length + new_tokens + 1 if unpatched else static_len
+            rows.append(dict(row, length=length, **measure(model, length, kwargs), compiled_graphs=_compiled_graphs()))
+    except Exception as error:  # noqa: BLE001 - reported in the table and the JSON
+        print(f"  {name}: FAILED {type(error).__name__}: {error}", flush=True)
+        rows.append(dict(row, error=f"{type(error).__name__}: {str(error)[:500]}"))
+    finally:
+        if swaa.is_patched(model):
             swaa.unpatch_model(model)
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -380,9 +397,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(markdown(result["speedups"], ["config", "length", "ttft_speedup", "memory_ratio"]))
     if result["decode"]:
         print(markdown(result["decode"], ["path", "length", "tpot_ms", "floor_ms", "over_floor", "ttft_s",
-                                          "compiled_graphs"]))
+                                          "compiled_graphs", "error"]))
     if result["end_to_end"]:
-        print(markdown(result["end_to_end"], ["path", "length", "new_tokens", "seconds"]))
+        print(markdown(result["end_to_end"], ["path", "length", "new_tokens", "seconds", "error"]))
     return result
 
 

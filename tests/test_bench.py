@@ -37,3 +37,19 @@ def test_without_cuda_it_says_so_at_once(capsys):
     with pytest.raises(SystemExit) as exit:
         bench.main(["--decode"])
     assert exit.value.code == 2 and "CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_failing_path_is_a_row_with_its_error_and_the_others_still_run(tmp_path, monkeypatch):
+    real = bench._timed_generate
+
+    def fails_on_static(model, prompt, new_tokens, **kwargs):
+        if "cache_implementation" in kwargs and bench.swaa.is_patched(model):
+            raise RuntimeError("compile failed")
+        return real(model, prompt, new_tokens, **kwargs)
+
+    monkeypatch.setattr(bench, "_timed_generate", fails_on_static)
+    result = bench.main(["--smoke", "--skip-model", "--out", str(tmp_path / "b.json"), "--decode",
+                         "--paths", "SWA (no FA decode)", "unpatched, eager"])
+    rows = {row["path"]: row for row in result["decode"]}
+    assert rows["SWA (no FA decode), static + compiled"]["error"] == "RuntimeError: compile failed"
+    assert rows["SWA (no FA decode), eager"]["tpot_ms"] > 0 and rows["unpatched, eager"]["tpot_ms"] > 0
