@@ -25,11 +25,14 @@ class Case:
     kv_heads: int = 2
     head_dim: int = 16
     packed: tuple[int, ...] | None = None  # one row holding sequences of these lengths, no cache
+    keys_shuffled: bool = False  # keys held out of position order, as a bounded cache's ring holds them
 
     def __str__(self):
         rule = "full" if self.rule.is_full else f"w{self.rule.window}s{self.rule.sink}{'d' if self.rule.fa_decode else ''}"
         packed = f"-packed{list(self.packed)}" if self.packed else ""
-        return f"{rule}-len{list(self.lengths)}-q{self.q_len}-gen{self.prompt_end}-gqa{self.heads // self.kv_heads}{packed}"
+        shuffled = "-shuffled" if self.keys_shuffled else ""
+        return (f"{rule}-len{list(self.lengths)}-q{self.q_len}-gen{self.prompt_end}-gqa{self.heads // self.kv_heads}"
+                f"{packed}{shuffled}")
 
 
 def make_inputs(case: Case, device="cpu", dtype=torch.float64, seed=0):
@@ -74,6 +77,10 @@ def make_inputs(case: Case, device="cpu", dtype=torch.float64, seed=0):
                     continue
                 expected[b, qi, j] = sees(pos[i], pos[j], generated=generated, full=rule.is_full,
                                           window=rule.window, sink=rule.sink, fa_decode=rule.fa_decode)
+    if case.keys_shuffled:
+        order = torch.randperm(total, generator=generator)
+        key, value, expected = key[:, :, order], value[:, :, order], expected[..., order]
+        layout = layout.with_keys(layout.key_pos[:, order.to(device)])
     move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     return move(query), move(key), move(value), layout, expected
 
@@ -112,6 +119,8 @@ CASES = [
     Case((7,), None, W(3, sink=1), heads=8, kv_heads=1),
     Case((1,), None, W(3, sink=1), packed=(5, 1, 7, 3)),
     Case((1,), None, W(2, sink=2), packed=(6, 6)),
+    Case((13, 8), 5, W(4, sink=1), keys_shuffled=True),  # a prefill chunk onto a ring's slots
+    Case((13, 8), 1, W(4, sink=2), prompt_end=12, keys_shuffled=True),  # decode from a ring
 ]
 
 # Training calls (several queries each) for the gradient tests: CASES without decode steps, and larger ones

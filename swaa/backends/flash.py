@@ -160,7 +160,7 @@ def _plan(rule: LayerRule, layout: Layout) -> tuple[tuple[_Call, ...], ...]:
     runs = {"full": [], "window": [], "sink": []}
     for b, (q_row, k_row) in enumerate(zip(query_pos, key_pos)):
         keys = {}  # sequence id -> (positions, slots) of its keys, in position order
-        for j, pos in enumerate(k_row):
+        for j, pos in sorted(enumerate(k_row), key=lambda slot_pos: slot_pos[1]):  # a ring holds them out of order
             if pos >= 0:
                 positions, slots = keys.setdefault(key_seq[b][j] if key_seq else 0, ([], []))
                 positions.append(pos)

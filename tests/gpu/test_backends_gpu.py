@@ -36,7 +36,8 @@ def attend(backend, monkeypatch):
 
 
 def error(output, expected):
-    return ((output.double().cpu() - expected).norm() / expected.norm()).item()
+    output, expected = output.double().cpu(), expected.double().cpu()
+    return ((output - expected).norm() / expected.norm()).item()
 
 
 def check(attend, case, dtype, seed=0):
