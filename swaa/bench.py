@@ -112,16 +112,6 @@ def kernel_rows(lengths: list[int], heads: int = 32, kv_heads: int = 8, head_dim
     return rows
 
 
-def _generate_seconds(model, prompt: torch.Tensor, new_tokens: int, **generate_kwargs) -> float:
-    if prompt.is_cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **generate_kwargs)
-    if prompt.is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 class _TokenClock:
     """A generate streamer that notes when each token reaches the host (generate hands it the prompt first)."""
 
@@ -135,16 +125,19 @@ class _TokenClock:
         pass
 
 
-def _timed_generate(model, prompt: torch.Tensor, new_tokens: int, **generate_kwargs) -> tuple[float, float]:
-    """(time to first token in s, time per output token after it in s) of one greedy ``generate``."""
+def _timed_generate(model, prompt: torch.Tensor, new_tokens: int, **generate_kwargs) -> tuple[float, float, float]:
+    """(time to first token, time per output token after it, total time) in s of one greedy ``generate``."""
     clock = _TokenClock()
     if prompt.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
     model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock,
                    **generate_kwargs)
+    if prompt.is_cuda:
+        torch.cuda.synchronize()
+    total = time.perf_counter() - start
     first, last = clock.times[1], clock.times[-1]
-    return first - start, (last - first) / (len(clock.times) - 2)
+    return first - start, (last - first) / max(len(clock.times) - 2, 1), total
 
 
 def model_rows(model, lengths: list[int], configs: dict) -> list[dict]:
@@ -157,11 +150,11 @@ def model_rows(model, lengths: list[int], configs: dict) -> list[dict]:
             swaa.patch_model(model, window=WINDOW, sink=SINK, **fields)
         for length in lengths:
             prompt = torch.randint(1, model.config.vocab_size, (1, length), device=device)
-            _generate_seconds(model, prompt, 2)  # warm-up: compilation, allocator
+            _timed_generate(model, prompt, 2)  # warm-up: compilation, allocator
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            first = min(_generate_seconds(model, prompt, 1) for _ in range(2))
+            first = min(_timed_generate(model, prompt, 1)[2] for _ in range(2))
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
             rows.append(dict(config=name, length=length, ttft_s=first, peak_gib=peak, compiled_graphs=_compiled_graphs()))
             print(f"  {name:28s} {length:>7d}: TTFT {first:.3f} s, peak {peak:.1f} GiB", flush=True)
@@ -199,41 +192,40 @@ def _floor_seconds(model, path: dict, context: int, copy_rate: float) -> float:
     return (weight_bytes + per_token * sum(seen)) / copy_rate
 
 
-def decode_rows(models: dict, lengths: list[int], paths: dict, new_tokens: int, copy_rate: float,
-                static_len: int) -> list[dict]:
+def decode_rows(models: dict, lengths: list[int], paths: dict, new_tokens: int, copy_rate: float) -> list[dict]:
     """Time per output token of greedy ``generate`` at each context, per path, beside its floor. Static
-    caches hold ``static_len`` tokens (swaa and sliding-window layers read only what they may see, so one
-    size serves every length without recompiling), except the unpatched model's, sized per length as a user
-    would (its attention reads the whole cache). Each (path, length) runs once untimed first: compilation
-    and CUDA graph capture stay out of the timing."""
+    caches are sized per length as a user would (prompt + new tokens): full-attention layers read the whole
+    cache. Each (path, length) runs once untimed first: compilation and CUDA graph capture stay out of the
+    timing."""
     rows = []
     for name, path in paths.items():
         def measure(model, length, kwargs):
             _timed_generate(model, _prompt(model, length), 3, **kwargs)  # compiles, captures, warms the allocator
-            ttft, tpot = _timed_generate(model, _prompt(model, length), new_tokens + 1, **kwargs)
+            ttft, tpot, _ = _timed_generate(model, _prompt(model, length), new_tokens + 1, **kwargs)
             floor = _floor_seconds(model, path, length, copy_rate)
             print(f"  {name:45s} {length:>7d}: TPOT {tpot * 1e3:.2f} ms (floor {floor * 1e3:.2f}), TTFT {ttft:.2f} s",
                   flush=True)
             return dict(ttft_s=ttft, tpot_ms=tpot * 1e3, floor_ms=floor * 1e3, over_floor=tpot / floor)
 
-        rows += _per_path(models, name, path, lengths, new_tokens + 1, static_len, measure,
+        rows += _per_path(models, name, path, lengths, new_tokens + 1, measure,
                           dict(path=name))
     return rows
 
 
-def end_to_end_rows(models: dict, length: int, new_tokens: int, paths: dict, static_len: int) -> list[dict]:
+def end_to_end_rows(models: dict, length: int, new_tokens: int, paths: dict) -> list[dict]:
     """Total time of one greedy ``generate`` of ``new_tokens`` after a ``length``-token prompt, per path
     (after an untimed run of the same call with 3 new tokens, which compiles what it compiles). Static
     caches as in ``decode_rows``."""
     rows = []
     for name, path in paths.items():
         def measure(model, length, kwargs):
-            _generate_seconds(model, _prompt(model, length), 3, **kwargs)
-            seconds = _generate_seconds(model, _prompt(model, length), new_tokens, **kwargs)
-            print(f"  {name:45s} {length} + {new_tokens}: {seconds:.2f} s", flush=True)
-            return dict(seconds=seconds)
+            _timed_generate(model, _prompt(model, length), 3, **kwargs)
+            ttft, tpot, seconds = _timed_generate(model, _prompt(model, length), new_tokens, **kwargs)
+            print(f"  {name:45s} {length} + {new_tokens}: {seconds:.2f} s (TTFT {ttft:.2f} s, TPOT {tpot * 1e3:.2f} ms)",
+                  flush=True)
+            return dict(seconds=seconds, ttft_s=ttft, tpot_ms=tpot * 1e3)
 
-        rows += _per_path(models, name, path, [length], new_tokens, static_len, measure,
+        rows += _per_path(models, name, path, [length], new_tokens, measure,
                           dict(path=name, new_tokens=new_tokens))
     return rows
 
@@ -242,7 +234,7 @@ def _prompt(model, length: int) -> torch.Tensor:
     return torch.randint(1, model.config.vocab_size, (1, length), device=model.device)
 
 
-def _per_path(models: dict, name: str, path: dict, lengths: list[int], new_tokens: int, static_len: int,
+def _per_path(models: dict, name: str, path: dict, lengths: list[int], new_tokens: int,
               measure, row: dict) -> list[dict]:
     """``measure(model, length, generate_kwargs)`` for one path at each length, with the path's patch
     applied and its compiled code its own (``torch._dynamo.reset``). A path that fails is a row with its
@@ -256,8 +248,7 @@ def _per_path(models: dict, name: str, path: dict, lengths: list[int], new_token
         for length in lengths:
             kwargs = dict(path["generate"])
             if kwargs:  # one cache size for the untimed and the timed call: no recompilation in between
-                unpatched = path["fields"] is None and not path.get("native")
-                kwargs["max_cache_len"] = length + new_tokens + 1 if unpatched else static_len
+                kwargs["max_cache_len"] = length + new_tokens + 1
             rows.append(dict(row, length=length, **measure(model, length, kwargs), compiled_graphs=_compiled_graphs()))
     except Exception as error:  # noqa: BLE001 - reported in the table and the JSON
         print(f"  {name}: FAILED {type(error).__name__}: {error}", flush=True)
@@ -375,11 +366,10 @@ def main(argv: list[str] | None = None) -> dict:
     models = {"base": model}
     if any(path.get("native") for path in [*paths.values(), *e2e_paths.values()]):
         models["native"] = _native_sliding_window_model(model, WINDOW)
-    static_len = max([length + args.new_tokens + 1 for length in decode_lengths] + [sum(args.e2e or [0])])
     result["copy_tb_s"] = (copy_bandwidth() if cuda else float("nan")) / 1e12
     result["decode"] = decode_rows(models, decode_lengths, paths, args.new_tokens, result["copy_tb_s"] * 1e12,
-                                   static_len) if paths else []
-    result["end_to_end"] = end_to_end_rows(models, *args.e2e, e2e_paths, static_len) if e2e_paths else []
+) if paths else []
+    result["end_to_end"] = end_to_end_rows(models, *args.e2e, e2e_paths) if e2e_paths else []
     with open(args.out, "w") as file:
         json.dump(result, file, indent=1)
     if args.plot and result["speedups"]:
@@ -399,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(markdown(result["decode"], ["path", "length", "tpot_ms", "floor_ms", "over_floor", "ttft_s",
                                           "compiled_graphs", "error"]))
     if result["end_to_end"]:
-        print(markdown(result["end_to_end"], ["path", "length", "new_tokens", "seconds", "error"]))
+        print(markdown(result["end_to_end"], ["path", "length", "new_tokens", "seconds", "ttft_s", "tpot_ms", "error"]))
     return result
 
 

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from ..layout import Layout
 from ..rules import LayerRule
 
+DECODE_CHUNK = 256  # keys per partial product of a long one-query call (see _weighted_values)
+
 
 def attend(
     query: torch.Tensor,
@@ -65,5 +67,19 @@ def _one_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask
     scores = (grouped @ key.transpose(-1, -2)).to(wide) * scaling  # (batch, kv_heads, group, kv_len)
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
     weights = torch.nan_to_num(scores.softmax(-1), nan=0.0).to(value.dtype)
-    output = (weights @ value).reshape(batch, heads, 1, value.shape[-1])
+    output = _weighted_values(weights, value).reshape(batch, heads, 1, value.shape[-1])
     return output.transpose(1, 2).contiguous()
+
+
+def _weighted_values(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``weights @ value`` for one query per row: (batch, kv_heads, group, kv_len) x (batch, kv_heads, kv_len,
+    d). Over a long cache that is one long reduction per kv head, which one matrix product spreads over few
+    GPU blocks; in chunks of ``DECODE_CHUNK`` keys it is many small products, summed in float32 (the split of
+    flash-decoding, in plain tensor ops). Static caches are sized in whole chunks for this."""
+    batch, kv_heads, group, kv_len = weights.shape
+    if kv_len < 32 * DECODE_CHUNK or kv_len % DECODE_CHUNK:
+        return weights @ value
+    chunks = kv_len // DECODE_CHUNK
+    parts = weights.view(batch, kv_heads, group, chunks, DECODE_CHUNK).transpose(2, 3) @ value.view(
+        batch, kv_heads, chunks, DECODE_CHUNK, value.shape[-1])  # (batch, kv_heads, chunks, group, d)
+    return parts.sum(2, dtype=torch.promote_types(value.dtype, torch.float32)).to(value.dtype)
