@@ -63,6 +63,16 @@ def test_static_compiled_generate_equals_eager(config, rows, head_dim):
     assert torch.equal(eager, compiled) and torch.equal(eager, chunked)
 
 
+def test_a_long_static_cache_read_in_chunks_compiled_equals_eager():
+    """A cache of 32 chunks or more: the compiled decode product runs split (reference.DECODE_CHUNK)."""
+    torch._dynamo.reset()
+    model = small_model()
+    swaa.patch_model(model, **CONFIGS["interleave2_fa_decode_sink"])
+    ids, mask = prompts([150, 97], 150, seed=5)
+    assert torch.equal(run(model, ids, mask, 40),
+                       run(model, ids, mask, 40, cache_implementation="static", max_cache_len=40 * 256 + 7))
+
+
 def test_decode_step_has_no_graph_break_and_no_host_sync():
     model = small_model(torch.bfloat16)
     swaa.patch_model(model, window=48, sink=5, interleave=2, fa_decode=[0])
