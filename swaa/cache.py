@@ -26,7 +26,6 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer
 
-from .backends.reference import DECODE_CHUNK
 from .layout import Layout
 from .rules import LayerRule, window_start
 
@@ -320,14 +319,11 @@ class SWAACache(_SWAACacheMixin, DynamicCache):
 
 class SWAAStaticCache(_SWAACacheMixin, StaticCache):
     """Static cache of a patched model, for ``generate(cache_implementation="static")`` and compiled decoding:
-    full-attention and FA-decode layers are fixed layers of ``max_cache_len`` slots (``StaticLayer``; a long
-    cache is rounded up to whole ``DECODE_CHUNK``s, which the decode step reads in parallel), bounded
+    full-attention and FA-decode layers are fixed layers of ``max_cache_len`` slots (``StaticLayer``), bounded
     layers (with ``bounded``) fixed rings of ``sink + window - 1`` slots; every shape is fixed and every
     update in place, so a decode step can be captured in a CUDA graph."""
 
     def __init__(self, rules: tuple[LayerRule, ...], max_cache_len: int, bounded: bool = True):
-        if max_cache_len >= 32 * DECODE_CHUNK:  # whole chunks: the split decode product of a long cache
-            max_cache_len = -(-max_cache_len // DECODE_CHUNK) * DECODE_CHUNK
         Cache.__init__(self, layers=self._layers(
             rules, bounded, True, max_cache_len, lambda: StaticLayer(max_cache_len=max_cache_len)))
 

@@ -121,8 +121,8 @@ CASES = [
     Case((1,), None, W(2, sink=2), packed=(6, 6)),
     Case((13, 8), 5, W(4, sink=1), keys_shuffled=True),  # a prefill chunk onto a ring's slots
     Case((13, 8), 1, W(4, sink=2), prompt_end=12, keys_shuffled=True),  # decode from a ring
-    # decode over a long cache in whole chunks: the one-query product runs split (reference.DECODE_CHUNK)
-    Case((33 * 256, 5000), 1, W(64, sink=4, fa_decode=True), prompt_end=33 * 256 - 1),
+    # decode over a long cache: the one-query product runs split (reference.DECODE_CHUNK), whole chunks + rest
+    Case((33 * 256 + 5, 5000), 1, W(64, sink=4, fa_decode=True), prompt_end=33 * 256 + 4),
     Case((33 * 256,), 1, W(64, sink=4), prompt_end=33 * 256 - 1),
 ]
 

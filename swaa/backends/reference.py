@@ -74,12 +74,17 @@ def _one_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask
 def _weighted_values(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``weights @ value`` for one query per row: (batch, kv_heads, group, kv_len) x (batch, kv_heads, kv_len,
     d). Over a long cache that is one long reduction per kv head, which one matrix product spreads over few
-    GPU blocks; in chunks of ``DECODE_CHUNK`` keys it is many small products, summed in float32 (the split of
-    flash-decoding, in plain tensor ops). Static caches are sized in whole chunks for this."""
+    GPU blocks; in chunks of ``DECODE_CHUNK`` keys (and one product for the rest) it is many small products,
+    summed in float32: the split of flash-decoding, in plain tensor ops."""
     batch, kv_heads, group, kv_len = weights.shape
-    if kv_len < 32 * DECODE_CHUNK or kv_len % DECODE_CHUNK:
-        return weights @ value
     chunks = kv_len // DECODE_CHUNK
-    parts = weights.view(batch, kv_heads, group, chunks, DECODE_CHUNK).transpose(2, 3) @ value.view(
-        batch, kv_heads, chunks, DECODE_CHUNK, value.shape[-1])  # (batch, kv_heads, chunks, group, d)
-    return parts.sum(2, dtype=torch.promote_types(value.dtype, torch.float32)).to(value.dtype)
+    if chunks < 32:
+        return weights @ value
+    split = chunks * DECODE_CHUNK
+    parts = weights[..., :split].view(batch, kv_heads, group, chunks, DECODE_CHUNK).transpose(2, 3) @ value[
+        :, :, :split].view(batch, kv_heads, chunks, DECODE_CHUNK, value.shape[-1])  # (batch, kv_heads, chunks, group, d)
+    wide = torch.promote_types(value.dtype, torch.float32)
+    output = parts.sum(2, dtype=wide)
+    if split < kv_len:
+        output = output + (weights[..., split:] @ value[:, :, split:]).to(wide)
+    return output.to(value.dtype)
