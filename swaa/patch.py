@@ -100,6 +100,14 @@ def _check_supported(model: PreTrainedModel) -> int:
             f"{name}: could not match its attention modules {sorted(attention_layers)} to its"
             f" num_hidden_layers={num_layers}; swaa cannot tell which layer is which"
         )
+    attention_modules = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    layers = [m for m in model.modules() if any(child in attention_modules for child in m.children())]
+    dropping = next((type(m).__name__ for m in [*layers, *attention_modules] if _drops_kwargs(type(m))), None)
+    if dropping:
+        raise ValueError(
+            f"{name}: {dropping}.forward does not hand its keyword arguments on, so swaa's per-call context"
+            " (positions, padding, prompt boundary) cannot reach its attention"
+        )
     bidirectional = [type(m).__name__ for m in model.modules() if getattr(m, "is_causal", True) is False]
     if bidirectional:
         raise ValueError(f"{name} has bidirectional attention ({bidirectional[0]}); swaa patches causal decoders")
@@ -120,6 +128,22 @@ def _check_supported(model: PreTrainedModel) -> int:
     if learned_sinks:
         raise ValueError(f"{name} has learned attention sinks ({learned_sinks[0]}), which swaa does not implement")
     return num_layers
+
+
+@functools.cache
+def _drops_kwargs(module_type: type) -> bool:
+    """Whether ``module_type.forward`` takes no ``**kwargs`` or never passes them to a call (read from its
+    source: a layer that drops them would run attention without swaa's context)."""
+    forward = module_type.forward
+    var_keyword = next((p.name for p in inspect.signature(forward).parameters.values()
+                        if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    if var_keyword is None:
+        return True
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):  # no source to read (built at run time): assume it hands them on
+        return False
+    return source.count(f"**{var_keyword}") < 2  # the signature's, and at least one call's
 
 
 def _decoder(model: PreTrainedModel) -> torch.nn.Module:

@@ -10,6 +10,7 @@ import torch
 from tiny import _COMMON as TINY_CONFIG
 from tiny import left_padded, tiny_model
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaModel
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import swaa
 from swaa import SWAAConfig
@@ -29,6 +30,24 @@ def gemma2():
     return Gemma2ForCausalLM(config).double().eval()
 
 
+class LayerThatDropsKwargs(LlamaDecoderLayer):
+    """A decoder layer that calls its attention without the keyword arguments it was given (as Nemotron's)."""
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
+                                     position_embeddings=position_embeddings, past_key_values=past_key_values)
+        hidden_states = hidden_states + attended
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+def drops_kwargs():
+    model = LlamaForCausalLM(LlamaConfig(**TINY_CONFIG)).double().eval()
+    for layer in model.model.layers:
+        layer.__class__ = LayerThatDropsKwargs
+    return model
+
+
 @pytest.mark.parametrize("make,call,message", [
     (tiny_model, dict(window=0), "window=0"),
     (tiny_model, dict(windw=16), "unknown SWAA config field"),
@@ -36,7 +55,9 @@ def gemma2():
     (tiny_model, dict(window=4, interleave=2, interleave_offset=4), "interleave_offset=4"),
     (tiny_model, dict(window=4, full_attention_layers=[9]), "do not exist"),
     (gemma2, dict(window=4), "attn_logit_softcapping=50.0"),
-], ids=["bad_value", "unknown_field", "backend", "offset_beyond_depth", "layer_beyond_depth", "softcapping"])
+    (drops_kwargs, dict(window=4), "LayerThatDropsKwargs.forward does not hand its keyword arguments on"),
+], ids=["bad_value", "unknown_field", "backend", "offset_beyond_depth", "layer_beyond_depth", "softcapping",
+        "layer_drops_kwargs"])
 @pytest.mark.parametrize("patched_before", [False, True], ids=["fresh", "patched_before"])
 def test_a_refused_patch_leaves_the_model_as_it_was(make, call, message, patched_before):
     model = make()
