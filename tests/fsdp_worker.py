@@ -1,0 +1,62 @@
+"""One rank of tests/test_train.py's FSDP2 check (run by torch.distributed.run, gloo on the CPU, NCCL on GPUs):
+a patched model with LoRA, every decoder layer and the whole model sharded with ``fully_shard``, gives the loss
+and LoRA gradients of the same model in one process, and the patch still holds. Prints one JSON line."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from peft import LoraConfig, get_peft_model
+from tiny import left_padded, tiny_model
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+import swaa
+
+
+def loss_and_lora_grads(model, ids, mask, labels):
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    grads = {name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+             for name, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def main() -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    rank = dist.get_rank()
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    torch.manual_seed(0)
+    model = tiny_model(sys.argv[1]).float().to(device)
+    swaa.patch_model(model, window=3, sink=1, interleave=2)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"],
+                                             init_lora_weights=False))
+    ids, mask = left_padded([12, 7], total=12, seed=1)
+    ids, mask = ids.to(device), mask.to(device)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :6] = -100  # answers after the prompt: FA decode applies to them
+    one_process = loss_and_lora_grads(copy.deepcopy(model), ids, mask, labels)
+    unpatched = swaa.unpatch_model(copy.deepcopy(model.get_base_model()))
+    full_attention = unpatched(input_ids=ids, attention_mask=mask, labels=labels).loss.detach()
+    for layer in model.get_base_model().model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    sharded = loss_and_lora_grads(model, ids, mask, labels)
+    print(json.dumps(dict(
+        rank=rank, patched=swaa.is_patched(model), loss=float(sharded[0]), one_process_loss=float(one_process[0]),
+        full_attention_loss=float(full_attention),
+        max_grad_diff=max(float((sharded[1][n] - one_process[1][n]).abs().max()) for n in one_process[1]),
+        grads=len(one_process[1]),
+    )), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
