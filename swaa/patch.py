@@ -114,8 +114,8 @@ def _check_supported(model: PreTrainedModel) -> int:
     other_layers = sorted(set(getattr(config, "layer_types", None) or []) - ATTENTION_LAYER_TYPES)
     if other_layers:
         raise ValueError(
-            f"{name} has layers of type {other_layers}: they keep a state (linear attention, convolutions, ...)"
-            " that swaa's caches do not hold"
+            f"{name} has layers of type {other_layers}, which swaa's rules do not cover: linear attention and"
+            " convolutions keep a state swaa's caches do not hold, sparse-attention indexers choose keys themselves"
         )
     if not getattr(type(model), "_supports_default_dynamic_cache", lambda: True)():
         raise ValueError(f"{name} keeps a cache of its own, which swaa's caches cannot stand in for")

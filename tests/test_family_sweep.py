@@ -22,6 +22,10 @@ SMALL = dict(
     num_layers=2, moe_intermediate_size=16, num_experts=4, num_local_experts=4, n_routed_experts=4,
     num_experts_per_tok=2, shared_expert_intermediate_size=16, first_k_dense_replace=0, pad_token_id=0,
     bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    # multi-head latent attention (DeepSeek-V2/V3 and their kin): the rotary part is head_dim wide
+    qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, kv_lora_rank=16, q_lora_rank=16,
+    # sparse-attention indexers (DeepSeek-V3.2, GLM DSA)
+    index_head_dim=16, index_n_heads=2, index_topk=4, n_group=1, topk_group=1,
 )
 MAX_PARAMETERS = 5_000_000  # defaults that do not shrink with the fields above are skipped, not built
 
@@ -34,6 +38,8 @@ def tiny(model_type: str):
         for key, value in SMALL.items():
             if hasattr(text, key):
                 setattr(text, key, value)
+        if hasattr(text, "kv_lora_rank"):  # latent attention expands its keys to every head
+            text.num_key_value_heads = text.num_attention_heads
         if getattr(text, "layer_types", None) is not None:
             text.layer_types = text.layer_types[: text.num_hidden_layers]
         with torch.device("meta"):
