@@ -1,11 +1,12 @@
 """One rank of tests/test_train.py's FSDP2 check (run by torch.distributed.run, gloo on the CPU, NCCL on GPUs):
 a patched model with LoRA, every decoder layer and the whole model sharded with ``fully_shard``, gives the loss
-and LoRA gradients of the same model in one process, and the patch still holds. Prints one JSON line."""
+and LoRA gradients of the same model in one process, and the patch still holds, for each family named. Rank 0 prints every rank's results as one JSON line."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 
 import torch
@@ -26,15 +27,9 @@ def loss_and_lora_grads(model, ids, mask, labels):
     return loss.detach(), grads
 
 
-def main() -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    rank = dist.get_rank()
-    if device == "cuda":
-        torch.cuda.set_device(rank)
-    mesh = init_device_mesh(device, (dist.get_world_size(),))
+def check(family: str, mesh, device: str) -> dict:
     torch.manual_seed(0)
-    model = tiny_model(sys.argv[1]).float().to(device)
+    model = tiny_model(family).float().to(device)
     swaa.patch_model(model, window=3, sink=1, interleave=2)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"],
                                              init_lora_weights=False))
@@ -49,13 +44,30 @@ def main() -> None:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     sharded = loss_and_lora_grads(model, ids, mask, labels)
-    print(json.dumps(dict(
-        rank=rank, patched=swaa.is_patched(model), loss=float(sharded[0]), one_process_loss=float(one_process[0]),
-        full_attention_loss=float(full_attention),
+    return dict(
+        family=family, rank=dist.get_rank(), patched=swaa.is_patched(model), loss=float(sharded[0]),
+        one_process_loss=float(one_process[0]), full_attention_loss=float(full_attention),
         max_grad_diff=max(float((sharded[1][n] - one_process[1][n]).abs().max()) for n in one_process[1]),
         grads=len(one_process[1]),
-    )), flush=True)
+    )
+
+
+def main() -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        torch.cuda.set_device(dist.get_rank())
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    results = [check(family, mesh, device) for family in sys.argv[1:]]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)  # rank 0 reports every rank: one writer, no interleaved lines
+    if dist.get_rank() == 0:
+        print(json.dumps([row for rows in gathered for row in rows]), flush=True)
+    dist.barrier()
     dist.destroy_process_group()
+    # every result is out; leave without C++ static destructors, where gloo's threads at times abort the
+    # process ("terminate called without an active exception") after all the work is done
+    os._exit(0)
 
 
 if __name__ == "__main__":

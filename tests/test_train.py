@@ -341,25 +341,25 @@ def test_finetune_example_runs_under_ddp_with_two_processes(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
                     reason="two processes need two GPUs on a CUDA machine (NCCL); on a CPU-only machine they use gloo")
-@pytest.mark.parametrize("family", ["qwen3", "mistral"])
-def test_lora_on_a_patched_model_sharded_with_fsdp2_matches_one_process(family):
+def test_lora_on_a_patched_model_sharded_with_fsdp2_matches_one_process():
     """FSDP2 (``fully_shard`` on every decoder layer and the model) over 2 processes: the patch holds, and the
     loss and LoRA gradients equal those of the same model in one process (and differ from full attention's,
     so swaa's pattern is what ran). accelerate's FSDP needs GPUs; this is the same sharding, run directly."""
+    families = ["qwen3", "mistral", "llama"]
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-         os.path.join(ROOT, "tests", "fsdp_worker.py"), family],
+         os.path.join(ROOT, "tests", "fsdp_worker.py"), *families],
         capture_output=True, text=True, timeout=300, cwd=os.path.join(ROOT, "tests"),
         env={**os.environ, "PYTHONPATH": ROOT},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads(line) for line in result.stdout.replace("}{", "}\n{").splitlines() if line.startswith("{")]
-    assert sorted(rank["rank"] for rank in ranks) == [0, 1]
-    for rank in ranks:
-        assert rank["patched"] and rank["grads"] > 0
-        assert rank["loss"] == pytest.approx(rank["one_process_loss"], rel=1e-6)
-        assert rank["max_grad_diff"] < 1e-5
-        assert rank["loss"] != pytest.approx(rank["full_attention_loss"], rel=1e-6)
+    rows = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("[")))
+    assert sorted((row["family"], row["rank"]) for row in rows) == sorted((f, r) for f in families for r in (0, 1))
+    for row in rows:
+        assert row["patched"] and row["grads"] > 0
+        assert row["loss"] == pytest.approx(row["one_process_loss"], rel=1e-6)
+        assert row["max_grad_diff"] < 1e-5
+        assert row["loss"] != pytest.approx(row["full_attention_loss"], rel=1e-6)
 
 
 def test_finetune_lora_refuses_a_hub_id_at_once():
