@@ -230,6 +230,30 @@ def test_keys_and_values_of_different_widths_multi_head_latent_attention():
         assert_same_generation(bounded, unbounded)
 
 
+def test_layers_that_share_another_layers_keys_gemma3n():
+    """Gemma3n's last layers read the keys an earlier layer of their type stored: bounded (dynamic and static)
+    generate equals the unbounded path, and a no-op rule leaves the model's output as it was."""
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+
+    config = Gemma3nTextConfig(
+        vocab_size=64, vocab_size_per_layer_input=64, hidden_size=32, hidden_size_per_layer_input=8,
+        intermediate_size=[48] * 4, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_kv_shared_layers=2, laurel_rank=4, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4,
+        layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=512, pad_token_id=0)
+    torch.manual_seed(0)
+    model = Gemma3nForCausalLM(config).double().eval()
+    ids, mask = left_padded([12, 8], total=12, seed=23)
+    before = model(input_ids=ids, attention_mask=mask).logits
+    swaa.patch_model(model, window=1000, fa_decode=False)
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before, rtol=0, atol=0)
+    fields = dict(window=3, sink=1, fa_decode=False)
+    unbounded = generate(model, fields, ids, mask, False)
+    for kwargs in ({}, dict(cache_implementation="static")):
+        bounded = generate(model, fields, ids, mask, True, **kwargs)
+        assert type(bounded.past_key_values.layers[0]).__name__ == "RingLayer"
+        assert_same_generation(bounded, unbounded)
+
+
 def test_packed_forward_with_a_cache_equals_unbounded():
     model = tiny_model("qwen3")
     ids = torch.randint(1, 50, (1, 12), generator=torch.Generator().manual_seed(19))
