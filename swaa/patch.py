@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import re
 import types
 import warnings
 
@@ -108,6 +109,12 @@ def _check_supported(model: PreTrainedModel) -> int:
             f"{name}: {dropping}.forward does not hand its keyword arguments on, so swaa's per-call context"
             " (positions, padding, prompt boundary) cannot reach its attention"
         )
+    own_mask = next((type(m).__name__ for m in attention_modules if _makes_its_own_mask(type(m))), None)
+    if own_mask:
+        raise ValueError(
+            f"{name}: {own_mask} hands attention a mask it builds itself (a learned bias or a key selection),"
+            " which swaa's rules would replace"
+        )
     bidirectional = [type(m).__name__ for m in model.modules() if getattr(m, "is_causal", True) is False]
     if bidirectional:
         raise ValueError(f"{name} has bidirectional attention ({bidirectional[0]}); swaa patches causal decoders")
@@ -144,6 +151,19 @@ def _drops_kwargs(module_type: type) -> bool:
     except (OSError, TypeError):  # no source to read (built at run time): assume it hands them on
         return False
     return source.count(f"**{var_keyword}") < 2  # the signature's, and at least one call's
+
+
+@functools.cache
+def _makes_its_own_mask(module_type: type) -> bool:
+    """Whether ``module_type.forward`` hands the attention function a mask other than the ``attention_mask`` it
+    was given (read from its source, as Doge's dynamic mask: ``attention_interface(..., attention_mask=attn_mask)``)."""
+    try:
+        source = inspect.getsource(module_type.forward)
+    except (OSError, TypeError):
+        return False
+    calls = re.findall(r"attention_interface\((.*?)\)\n", source, flags=re.S)
+    return any(argument != "attention_mask" for call in calls
+               for argument in re.findall(r"attention_mask\s*=\s*(\w+)", call))
 
 
 def _decoder(model: PreTrainedModel) -> torch.nn.Module:

@@ -10,7 +10,7 @@ import torch
 from tiny import _COMMON as TINY_CONFIG
 from tiny import left_padded, tiny_model
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaModel
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer
 
 import swaa
 from swaa import SWAAConfig
@@ -48,6 +48,23 @@ def drops_kwargs():
     return model
 
 
+class MaskMakingAttention(LlamaAttention):
+    """An attention module that hands the attention function a mask of its own (as Doge's learned dynamic mask)."""
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+        bias = attention_mask + self.o_proj.weight.mean()  # information swaa's rules would drop
+        attention_interface = lambda *args, **kw: (hidden_states, None)  # noqa: E731 - never reached
+        output, weights = attention_interface(self, hidden_states, hidden_states, hidden_states, attention_mask=bias, **kwargs)
+        return output, weights
+
+
+def makes_its_own_mask():
+    model = LlamaForCausalLM(LlamaConfig(**TINY_CONFIG)).double().eval()
+    for layer in model.model.layers:
+        layer.self_attn.__class__ = MaskMakingAttention
+    return model
+
+
 @pytest.mark.parametrize("make,call,message", [
     (tiny_model, dict(window=0), "window=0"),
     (tiny_model, dict(windw=16), "unknown SWAA config field"),
@@ -56,8 +73,9 @@ def drops_kwargs():
     (tiny_model, dict(window=4, full_attention_layers=[9]), "do not exist"),
     (gemma2, dict(window=4), "attn_logit_softcapping=50.0"),
     (drops_kwargs, dict(window=4), "LayerThatDropsKwargs.forward does not hand its keyword arguments on"),
+    (makes_its_own_mask, dict(window=4), "MaskMakingAttention hands attention a mask it builds itself"),
 ], ids=["bad_value", "unknown_field", "backend", "offset_beyond_depth", "layer_beyond_depth", "softcapping",
-        "layer_drops_kwargs"])
+        "layer_drops_kwargs", "attention_makes_its_own_mask"])
 @pytest.mark.parametrize("patched_before", [False, True], ids=["fresh", "patched_before"])
 def test_a_refused_patch_leaves_the_model_as_it_was(make, call, message, patched_before):
     model = make()
