@@ -266,6 +266,9 @@ def main(argv=None):
               f"    base = AutoModelForCausalLM.from_pretrained({args.model or '<the base model>'!r})\n"
               f"    model = swaa.train.load_adapter(base, {args.output_dir!r})  # PeftModel, patched as trained\n"
               f"    merged = model.merge_and_unload()  # still patched; merged.save_pretrained(...) keeps config.swaa")
+    if torch.distributed.is_initialized():  # every rank has finished; close the group before the interpreter exits
+        state.wait_for_everyone()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
