@@ -91,17 +91,13 @@ def _check_supported(model: PreTrainedModel) -> int:
             " so swaa cannot replace it"
         )
     num_layers = getattr(config, "num_hidden_layers", None)
-    attention_layers = {
-        module.layer_idx
-        for module in model.modules()
-        if type(module).__name__.endswith("Attention") and hasattr(module, "layer_idx")
-    }
+    attention_modules = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    attention_layers = {module.layer_idx for module in attention_modules}
     if not num_layers or attention_layers != set(range(num_layers)):
         raise ValueError(
             f"{name}: could not match its attention modules {sorted(attention_layers)} to its"
             f" num_hidden_layers={num_layers}; swaa cannot tell which layer is which"
         )
-    attention_modules = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
     layers = [m for m in model.modules() if any(child in attention_modules for child in m.children())]
     dropping = next((type(m).__name__ for m in [*layers, *attention_modules] if _drops_kwargs(type(m))), None)
     if dropping:
@@ -138,30 +134,29 @@ def _check_supported(model: PreTrainedModel) -> int:
 
 
 @functools.cache
+def _forward_source(module_type: type) -> str | None:
+    """The source of ``module_type.forward``, or None where there is none to read (built at run time)."""
+    try:
+        return inspect.getsource(module_type.forward)
+    except (OSError, TypeError):
+        return None
+
+
 def _drops_kwargs(module_type: type) -> bool:
     """Whether ``module_type.forward`` takes no ``**kwargs`` or never passes them to a call (read from its
     source: a layer that drops them would run attention without swaa's context)."""
-    forward = module_type.forward
-    var_keyword = next((p.name for p in inspect.signature(forward).parameters.values()
+    var_keyword = next((p.name for p in inspect.signature(module_type.forward).parameters.values()
                         if p.kind is inspect.Parameter.VAR_KEYWORD), None)
     if var_keyword is None:
         return True
-    try:
-        source = inspect.getsource(forward)
-    except (OSError, TypeError):  # no source to read (built at run time): assume it hands them on
-        return False
-    return source.count(f"**{var_keyword}") < 2  # the signature's, and at least one call's
+    source = _forward_source(module_type)  # without a source, assume it hands them on
+    return source is not None and source.count(f"**{var_keyword}") < 2  # the signature's, and a call's
 
 
-@functools.cache
 def _makes_its_own_mask(module_type: type) -> bool:
     """Whether ``module_type.forward`` hands the attention function a mask other than the ``attention_mask`` it
     was given (read from its source, as Doge's dynamic mask: ``attention_interface(..., attention_mask=attn_mask)``)."""
-    try:
-        source = inspect.getsource(module_type.forward)
-    except (OSError, TypeError):
-        return False
-    calls = re.findall(r"attention_interface\((.*?)\)\n", source, flags=re.S)
+    calls = re.findall(r"attention_interface\((.*?)\)\n", _forward_source(module_type) or "", flags=re.S)
     return any(argument != "attention_mask" for call in calls
                for argument in re.findall(r"attention_mask\s*=\s*(\w+)", call))
 
