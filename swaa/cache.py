@@ -22,14 +22,36 @@ their own, and a compiled decode step reads it without recompiling for every pro
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
+
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache, GenerationMixin, StaticCache
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer
 
 from .layout import Layout
 from .rules import LayerRule, window_start
 
 PROMPT_END = "swaa_prompt_end"  # attribute of a cache inside generate: cache index where generated tokens start
+
+# transformers 5.24 renamed the cache argument of forward and generate (and the outputs' field) from
+# `past_key_values` to `cache`, still accepting the old name; swaa reads either and writes the installed name.
+CACHE_KWARG = (
+    "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    else "past_key_values"
+)
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+def cache_argument(kwargs: Mapping) -> Cache | None:
+    """The cache handed to a forward or ``generate`` (or held by an output), under either name."""
+    return next((kwargs[name] for name in _CACHE_NAMES if kwargs.get(name) is not None), None)
+
+
+def set_cache_argument(kwargs: dict, cache: Cache) -> None:
+    for name in _CACHE_NAMES:
+        kwargs.pop(name, None)
+    kwargs[CACHE_KWARG] = cache
 
 
 def is_bounded(rule: LayerRule) -> bool:
@@ -74,14 +96,14 @@ def check_cache(cache: object) -> None:
     if isinstance(cache, (SWAACache, SWAAStaticCache)):
         return
     if not isinstance(cache, Cache):
-        raise TypeError(f"past_key_values must be a transformers Cache, got {type(cache).__name__}")
+        raise TypeError(f"{CACHE_KWARG} must be a transformers Cache, got {type(cache).__name__}")
     kinds = {type(layer) for layer in cache.layers}
     if type(cache) in (DynamicCache, StaticCache) and kinds <= {DynamicLayer, StaticLayer} and not cache.offloading:
         return
     names = sorted({kind.__name__ for kind in kinds})
     raise ValueError(
-        f"past_key_values={type(cache).__name__} with layers {names}: swaa runs on its own caches or on a"
-        " DynamicCache / StaticCache whose layers keep every token; drop past_key_values (generate then makes"
+        f"{CACHE_KWARG}={type(cache).__name__} with layers {names}: swaa runs on its own caches or on a"
+        f" DynamicCache / StaticCache whose layers keep every token; drop {CACHE_KWARG} (generate then makes"
         " swaa's cache) or pass cache_implementation='static'"
     )
 

@@ -21,6 +21,7 @@ import logging
 import re
 import types
 import warnings
+from collections.abc import Mapping
 
 import torch
 from transformers import AttentionInterface, DynamicCache, GenerationConfig, PretrainedConfig, PreTrainedModel
@@ -32,11 +33,13 @@ from .attention import ATTENTION_NAME, CONTEXT_KWARG, SWAAContext, padding_mask,
 from .cache import (
     SWAACache,
     SWAAStaticCache,
+    cache_argument,
     check_cache,
     clear_prompt_end,
     key_slots,
     new_cache,
     prompt_end,
+    set_cache_argument,
     set_prompt_end,
 )
 from .config import SWAAConfig
@@ -321,7 +324,7 @@ def _generate(model: PreTrainedModel, *args, **kwargs):
         return output
     finally:
         _GENERATE_PROMPT_END.reset(token)
-        for cache in (kwargs.get("past_key_values"), getattr(output, "past_key_values", None)):
+        for cache in (cache_argument(kwargs), cache_argument(output) if isinstance(output, Mapping) else None):
             if cache is not None:
                 clear_prompt_end(cache)  # later bare forwards on a returned cache follow the bare-forward rule
 
@@ -333,7 +336,7 @@ def _prepare_cache_for_generation(model: PreTrainedModel, generation_config: Gen
     static one comes from ``_prepare_static_cache``; one passed by the user is checked."""
     boundary = _GENERATE_PROMPT_END.get()
     type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, generation_mode, *args)
-    cache = model_kwargs.get("past_key_values")
+    cache = cache_argument(model_kwargs)
     if cache is None:  # use_cache=False: each forward reads the whole sequence; say where answers start
         mask = model_kwargs.get("attention_mask")
         model_kwargs[PROMPT_LEN_KWARG] = boundary if mask is None else mask[:, :boundary].sum(-1)
@@ -342,7 +345,8 @@ def _prepare_cache_for_generation(model: PreTrainedModel, generation_config: Gen
         state: _PatchState = getattr(model, _STATE)
         rolls_back = generation_mode == GenerationMode.ASSISTED_GENERATION or getattr(
             generation_config, "is_assistant", False)
-        cache = model_kwargs["past_key_values"] = new_cache(state.rules, state.config.bounded_cache and not rolls_back)
+        cache = new_cache(state.rules, state.config.bounded_cache and not rolls_back)
+        set_cache_argument(model_kwargs, cache)
     check_cache(cache)
     if boundary is not None:
         set_prompt_end(cache, boundary, model.device)
@@ -377,7 +381,7 @@ def _before_forward(state: _PatchState, decoder: torch.nn.Module, args: tuple, k
     if tokens is None:
         tokens = kwargs.get("inputs_embeds")
     batch_size, q_len = tokens.shape[:2]
-    past = kwargs.get("past_key_values")
+    past = cache_argument(kwargs)
     use_cache = kwargs.get("use_cache")
     if past is not None:
         check_cache(past)
@@ -422,7 +426,8 @@ def _before_forward(state: _PatchState, decoder: torch.nn.Module, args: tuple, k
         labels=labels,
     )
     if past is None and not decoder.training and (decoder.config.use_cache if use_cache is None else use_cache):
-        past = kwargs["past_key_values"] = new_cache(state.rules, state.config.bounded_cache and layout.query_seq is None)
+        past = new_cache(state.rules, state.config.bounded_cache and layout.query_seq is None)
+        set_cache_argument(kwargs, past)
     if isinstance(past, (SWAACache, SWAAStaticCache)):
         past.begin_forward(layout)  # its ring layers keep what later queries can see, by position
     need_weights = bool(kwargs.get("output_attentions") or decoder.config.output_attentions)
