@@ -7,8 +7,6 @@ it hands on the 2D padding mask and builds no mask: masks come from the layout, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from . import backends
@@ -20,16 +18,24 @@ CONTEXT_KWARG = "swaa_context"
 _UNSUPPORTED_KWARGS = {"softcap": "attention logit soft-capping", "s_aux": "learned attention sinks"}
 
 
-@dataclass
 class SWAAContext:
-    """What each layer's attention call needs from one forward call of a patched model."""
+    """What each layer's attention call needs from one forward call of a patched model.
 
-    rules: tuple[LayerRule, ...]
-    backend: str
-    layout: Layout
-    need_weights: bool = False
-    layers_called: set = field(default_factory=set)
-    cache: object = None  # the forward's past_key_values: swaa's caches say which keys a ring layer holds
+    Deliberately not a dataclass, list or set: wrappers that map over a layer's forward arguments (FSDP2
+    casting inputs to its mixed-precision dtype, DDP moving them) rebuild those, so each layer would get a
+    copy (its layout's float tensors cast, its calls recorded where the forward's check never looks). A plain
+    object is handed on as it is."""
+
+    __slots__ = ("rules", "backend", "layout", "need_weights", "layers_called", "cache")
+
+    def __init__(self, rules: tuple[LayerRule, ...], backend: str, layout: Layout, need_weights: bool = False,
+                 cache: object = None):
+        self.rules = rules
+        self.backend = backend
+        self.layout = layout
+        self.need_weights = need_weights
+        self.layers_called: set[int] = set()
+        self.cache = cache  # the forward's cache: swaa's caches say which keys a ring layer holds
 
 
 def swaa_attention(
@@ -76,7 +82,7 @@ def swaa_attention(
             " DynamicCache / StaticCache holding every token so far"
         )
     rule = context.rules[layer]
-    attend = backends.select(context.backend, query, rule, layout, context.need_weights)
+    attend = backends.select(context.backend, query, value, rule, layout, context.need_weights)
     context.layers_called.add(layer)
     return attend(
         query,

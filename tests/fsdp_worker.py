@@ -1,6 +1,8 @@
 """One rank of tests/test_train.py's FSDP2 check (run by torch.distributed.run, gloo on the CPU, NCCL on GPUs):
 a patched model with LoRA, every decoder layer and the whole model sharded with ``fully_shard``, gives the loss
-and LoRA gradients of the same model in one process, and the patch still holds, for each family named. Rank 0 prints every rank's results as one JSON line."""
+and LoRA gradients of the same model in one process, and the patch still holds, for each family named
+(``family+bf16``: sharded with a bfloat16 mixed-precision policy, which casts every layer's forward inputs, as
+accelerate's FSDP2 does under ``--bf16``). Rank 0 prints every rank's results as one JSON line."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 from tiny import left_padded, tiny_model
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import swaa
 
@@ -27,7 +29,9 @@ def loss_and_lora_grads(model, ids, mask, labels):
     return loss.detach(), grads
 
 
-def check(family: str, mesh, device: str) -> dict:
+def check(name: str, mesh, device: str) -> dict:
+    family, _, precision = name.partition("+")
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if precision == "bf16" else MixedPrecisionPolicy()
     torch.manual_seed(0)
     model = tiny_model(family).float().to(device)
     swaa.patch_model(model, window=3, sink=1, interleave=2)
@@ -41,13 +45,14 @@ def check(family: str, mesh, device: str) -> dict:
     unpatched = swaa.unpatch_model(copy.deepcopy(model.get_base_model()))
     full_attention = unpatched(input_ids=ids, attention_mask=mask, labels=labels).loss.detach()
     for layer in model.get_base_model().model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     sharded = loss_and_lora_grads(model, ids, mask, labels)
     return dict(
-        family=family, rank=dist.get_rank(), patched=swaa.is_patched(model), loss=float(sharded[0]),
+        family=name, rank=dist.get_rank(), patched=swaa.is_patched(model), loss=float(sharded[0]),
         one_process_loss=float(one_process[0]), full_attention_loss=float(full_attention),
         max_grad_diff=max(float((sharded[1][n] - one_process[1][n]).abs().max()) for n in one_process[1]),
+        max_grad=max(float(grad.abs().max()) for grad in one_process[1].values()),
         grads=len(one_process[1]),
     )
 

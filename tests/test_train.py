@@ -344,8 +344,9 @@ def test_finetune_example_runs_under_ddp_with_two_processes(tmp_path):
 def test_lora_on_a_patched_model_sharded_with_fsdp2_matches_one_process():
     """FSDP2 (``fully_shard`` on every decoder layer and the model) over 2 processes: the patch holds, and the
     loss and LoRA gradients equal those of the same model in one process (and differ from full attention's,
-    so swaa's pattern is what ran). accelerate's FSDP needs GPUs; this is the same sharding, run directly."""
-    families = ["qwen3", "mistral", "llama"]
+    so swaa's pattern is what ran), also under a bfloat16 mixed-precision policy, which rebuilds every
+    layer's forward arguments. accelerate's FSDP needs GPUs; this is the same sharding, run directly."""
+    families = ["qwen3", "mistral", "llama", "qwen3+bf16"]
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
          os.path.join(ROOT, "tests", "fsdp_worker.py"), *families],
@@ -357,9 +358,34 @@ def test_lora_on_a_patched_model_sharded_with_fsdp2_matches_one_process():
     assert sorted((row["family"], row["rank"]) for row in rows) == sorted((f, r) for f in families for r in (0, 1))
     for row in rows:
         assert row["patched"] and row["grads"] > 0
-        assert row["loss"] == pytest.approx(row["one_process_loss"], rel=1e-6)
-        assert row["max_grad_diff"] < 1e-5
+        bf16 = row["family"].endswith("+bf16")  # bfloat16 compute: its rounding, no more
+        assert row["loss"] == pytest.approx(row["one_process_loss"], rel=2e-2 if bf16 else 1e-6)
+        assert row["max_grad_diff"] < (5e-2 * row["max_grad"] if bf16 else 1e-5)
         assert row["loss"] != pytest.approx(row["full_attention_loss"], rel=1e-6)
+
+
+def test_fsdp_speed_benchmark_smoke_one_and_two_processes(tmp_path):
+    """The 1-GPU against 2-GPU benchmark end to end on CPU processes (gloo, no FSDP): its table and JSON."""
+    out = tmp_path / "fsdp.json"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "fsdp_speed.py"), "--smoke", "--gpus", "1", "2",
+         "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((row["attention"], row["gpus"]) for row in rows) == [("full", 1), ("full", 2), ("swaa", 1), ("swaa", 2)]
+    assert all(row["status"] == "ok" and row["tokens_per_s"] > 0 for row in rows)
+    assert [row["speedup_vs_1_gpu"] for row in rows if row["gpus"] == 1] == [1.0, 1.0]
+    assert result.stdout.strip().splitlines()[-1].startswith("| swaa | 2 |")
+
+
+def test_the_fsdp2_config_file_is_one_accelerate_reads_as_fsdp2():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(os.path.join(ROOT, "examples", "accelerate_fsdp2.yaml"))
+    assert str(config.distributed_type) == "DistributedType.FSDP" and config.num_processes == 2
+    assert config.fsdp_config["fsdp_version"] == 2
+    assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # the Trainer then saves a peft adapter
 
 
 def test_finetune_lora_refuses_a_hub_id_at_once():

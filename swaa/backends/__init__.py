@@ -38,7 +38,8 @@ def check_available(name: str, device: torch.device) -> None:
         raise RuntimeError(f"backend='flash' cannot run on {device.type}: {reason}; use backend='flex' or 'auto'")
 
 
-def select(name: str, query: torch.Tensor, rule: LayerRule, layout: Layout, need_weights: bool) -> Callable:
+def select(name: str, query: torch.Tensor, value: torch.Tensor, rule: LayerRule, layout: Layout,
+           need_weights: bool) -> Callable:
     """The attend function for backend ``name`` and this call."""
     device = query.device
     if need_weights and name not in ("auto", "reference"):
@@ -61,6 +62,9 @@ def select(name: str, query: torch.Tensor, rule: LayerRule, layout: Layout, need
         return sdpa.attend
     if query.shape[2] == 1:
         _announce("reference", device, "auto: one query per row with a mask, grouped matrix products")
+        return reference.attend
+    if reason := flex.unsupported(query, value):
+        _announce("reference", device, f"auto: {reason}")
         return reference.attend
     _announce("flex", device, "auto: window, sinks, padding and cache slots in one block-sparse kernel")
     return flex.attend

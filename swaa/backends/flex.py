@@ -17,6 +17,7 @@ from ..layout import Layout, rule_key
 from ..rules import LayerRule, visible, window_start
 
 BLOCK = 128
+MIN_HEAD_DIM = 16  # FlexAttention's GPU kernel refuses smaller query/key/value embeddings
 _SEQUENCE_STRIDE = 1 << 40  # (sequence, position) -> one sortable int64
 
 
@@ -25,6 +26,13 @@ def _compiled_flex():
     """flex_attention compiled once per process; shapes become dynamic after the first recompile, and
     window and sink are tensors, so new lengths and configs reuse the compiled kernels."""
     return torch.compile(flex_attention)
+
+
+def unsupported(query: torch.Tensor, value: torch.Tensor) -> str | None:
+    """Why the fused kernel cannot take these heads, or None when it can."""
+    if min(query.shape[-1], value.shape[-1]) < MIN_HEAD_DIM:
+        return f"head_dim {query.shape[-1]} (values {value.shape[-1]}) is below FlexAttention's minimum of {MIN_HEAD_DIM}"
+    return None
 
 
 def _flex(query: torch.Tensor):
@@ -49,6 +57,8 @@ def attend(
     Returns (batch, q_len, heads, head_dim); queries that see no key (padding) give 0."""
     if dropout:
         raise ValueError(f"backend='flex' has no attention dropout (dropout={dropout}); use backend='reference'")
+    if query.is_cuda and (reason := unsupported(query, value)):
+        raise ValueError(f"backend='flex' cannot run this model: {reason}; use backend='auto' or 'reference'")
     key_ = ("flex", *rule_key(rule))
     if key_ not in layout.memo:
         layout.memo[key_] = block_mask(rule, layout)

@@ -213,3 +213,19 @@ def test_two_gpus_generate_the_same_tokens():
     spread = swaa.patch_model(dispatch_model(model, device_map=device_map), window=5, sink=2, interleave=2)
     got = spread.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=8, do_sample=False)
     assert torch.equal(got.cpu(), expected.cpu())
+
+
+def test_heads_below_flex_minimum_run_exactly_on_auto_and_are_refused_by_flex():
+    """head_dim 8 (the CPU tests' tiny models): 'auto' takes the exact dense path for prompts instead of a
+    FlexAttention kernel that cannot compile; backend='flex' says why it cannot run."""
+    from tiny import left_padded, tiny_model
+
+    ids, mask = left_padded([12, 7], total=12, seed=1)
+    ids, mask = ids.cuda(), mask.cuda()
+    expected_model = swaa.patch_model(tiny_model("qwen3").float().cuda(), window=3, sink=1, backend="reference")
+    expected = expected_model(ids, attention_mask=mask).logits
+    model = swaa.patch_model(tiny_model("qwen3").float().cuda(), window=3, sink=1)
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits, expected)
+    swaa.patch_model(model, window=3, sink=1, backend="flex")
+    with pytest.raises(ValueError, match="head_dim 8 .* below FlexAttention's minimum of 16"):
+        model(ids, attention_mask=mask)
