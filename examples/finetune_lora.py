@@ -15,8 +15,11 @@ prompt/answer examples (.jsonl; .parquet/.json/.csv or a saved dataset with ``da
     # two GPUs, DDP (effective batch = 2 x batch size x grad accum)
     accelerate launch --num_processes 2 examples/finetune_lora.py ... --grad-accum 32
 
+    # two GPUs, FSDP2: parameters, gradients and optimizer state sharded (same effective batch as DDP)
+    accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/finetune_lora.py ... --grad-accum 32
+
 Writes the adapter, ``swaa_config.json`` beside it, the tokenizer and ``losses.json`` (eval loss
-before and after training) to ``--output-dir``.
+before and after training, and every logged training loss) to ``--output-dir``.
 """
 
 from __future__ import annotations
@@ -210,7 +213,6 @@ def main(argv=None):
     if state.is_main_process:
         model.print_trainable_parameters()
         print("SWAA layers:\n" + swaa.describe(model))
-        print(f"processes: {state.num_processes} ({state.distributed_type}), device {state.device}")
 
     grad_accum = args.grad_accum or max(1, 64 // (args.batch_size * state.num_processes))
     if args.tiny and args.grad_accum is None:
@@ -237,6 +239,9 @@ def main(argv=None):
         seed=args.seed,
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=args.tiny,
+        # the eval before training runs inside train(): under FSDP2 accelerate must wrap model and optimizer
+        # together, which an evaluate() call before train() would do for the model alone
+        eval_on_start=eval_set is not None,
     )
     collator = PromptAnswerCollator(
         tokenizer, max_length=args.max_length, packing=args.packing, prompt_field=args.prompt_field,
@@ -246,17 +251,19 @@ def main(argv=None):
         model=model, args=training_args, train_dataset=examples, eval_dataset=eval_set, data_collator=collator,
         callbacks=[SWAAConfigCallback(model)],
     )
-    start = trainer.evaluate()["eval_loss"] if eval_set is not None else None
+    if state.is_main_process:  # the Trainer's accelerator knows about FSDP (an accelerate config); PartialState not
+        print(f"processes: {state.num_processes} ({trainer.accelerator.distributed_type}), device {state.device}")
     result = trainer.train()
     end = trainer.evaluate()["eval_loss"] if eval_set is not None else None
+    start = next((entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry), None)
     train_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         save_swaa_config(model, args.output_dir)
         tokenizer.save_pretrained(args.output_dir)
-        losses = {"start": start, "end": end, "train_first": train_losses[:1], "train_last": train_losses[-1:],
-                  "train_loss": result.training_loss, "steps": result.global_step}
+        losses = {"start": start, "end": end, "train": train_losses, "train_loss": result.training_loss,
+                  "steps": result.global_step}
         with open(os.path.join(args.output_dir, "losses.json"), "w") as file:
             json.dump(losses, file, indent=2)
         if start is not None:
