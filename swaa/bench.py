@@ -192,17 +192,21 @@ def _floor_seconds(model, path: dict, context: int, copy_rate: float) -> float:
     return (weight_bytes + per_token * sum(seen)) / copy_rate
 
 
-def decode_rows(models: dict, lengths: list[int], paths: dict, new_tokens: int, copy_rate: float) -> list[dict]:
+def decode_rows(models: dict, lengths: list[int], paths: dict, new_tokens: int, copy_rate: float,
+                profile: str | None = None) -> list[dict]:
     """Time per output token of greedy ``generate`` at each context, per path, beside its floor. Static
     caches are sized per length as a user would (prompt + new tokens): full-attention layers read the whole
     cache. Each (path, length) runs once untimed first: compilation and CUDA graph capture stay out of the
-    timing."""
+    timing. ``profile``: a file to which one more ``generate`` per row adds its top kernels (torch.profiler)."""
     rows = []
     for name, path in paths.items():
         def measure(model, length, kwargs):
             _timed_generate(model, _prompt(model, length), 3, **kwargs)  # compiles, captures, warms the allocator
             ttft, tpot, _ = _timed_generate(model, _prompt(model, length), new_tokens + 1, **kwargs)
             floor = _floor_seconds(model, path, length, copy_rate)
+            if profile:
+                _profile_generate(model, _prompt(model, length), new_tokens + 1, kwargs, profile,
+                                  f"{name}, context {length}: TPOT {tpot * 1e3:.2f} ms")
             print(f"  {name:45s} {length:>7d}: TPOT {tpot * 1e3:.2f} ms (floor {floor * 1e3:.2f}), TTFT {ttft:.2f} s",
                   flush=True)
             return dict(ttft_s=ttft, tpot_ms=tpot * 1e3, floor_ms=floor * 1e3, over_floor=tpot / floor)
@@ -210,6 +214,20 @@ def decode_rows(models: dict, lengths: list[int], paths: dict, new_tokens: int, 
         rows += _per_path(models, name, path, lengths, new_tokens + 1, measure,
                           dict(path=name))
     return rows
+
+
+def _profile_generate(model, prompt: torch.Tensor, new_tokens: int, kwargs: dict, path: str, title: str) -> None:
+    """Append to ``path`` the kernels of one ``generate`` (prefill and ``new_tokens`` - 1 decode steps), by
+    device time: where a decode step's time goes."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if prompt.is_cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        _timed_generate(model, prompt, new_tokens, **kwargs)
+    sort_by = "self_device_time_total" if prompt.is_cuda else "self_cpu_time_total"
+    with open(path, "a") as file:
+        file.write(f"## {title}; one generate of {new_tokens} tokens profiled\n"
+                   f"{profiler.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=100)}\n\n")
 
 
 def end_to_end_rows(models: dict, length: int, new_tokens: int, paths: dict) -> list[dict]:
@@ -337,6 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens timed per decode measurement")
     parser.add_argument("--e2e", type=int, nargs=2, default=None, metavar=("PROMPT", "NEW"),
                         help="total generate time for a PROMPT-token prompt and NEW new tokens (e.g. 131072 512)")
+    parser.add_argument("--profile", metavar="FILE", help="profile one more generate per decode row; kernels to FILE")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, for tests")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
@@ -367,8 +386,10 @@ def main(argv: list[str] | None = None) -> dict:
     if any(path.get("native") for path in [*paths.values(), *e2e_paths.values()]):
         models["native"] = _native_sliding_window_model(model, WINDOW)
     result["copy_tb_s"] = (copy_bandwidth() if cuda else float("nan")) / 1e12
+    if args.profile:
+        open(args.profile, "w").close()
     result["decode"] = decode_rows(models, decode_lengths, paths, args.new_tokens, result["copy_tb_s"] * 1e12,
-) if paths else []
+                                   args.profile) if paths else []
     result["end_to_end"] = end_to_end_rows(models, *args.e2e, e2e_paths) if e2e_paths else []
     with open(args.out, "w") as file:
         json.dump(result, file, indent=1)

@@ -53,3 +53,12 @@ def test_a_failing_path_is_a_row_with_its_error_and_the_others_still_run(tmp_pat
     rows = {row["path"]: row for row in result["decode"]}
     assert rows["SWA (no FA decode), static + compiled"]["error"] == "RuntimeError: compile failed"
     assert rows["SWA (no FA decode), eager"]["tpot_ms"] > 0 and rows["unpatched, eager"]["tpot_ms"] > 0
+
+
+def test_profile_adds_the_kernels_of_one_generate_per_decode_row(tmp_path):
+    profile = tmp_path / "decode_profile.txt"
+    result = bench.main(["--smoke", "--skip-model", "--out", str(tmp_path / "b.json"), "--decode", "--paths",
+                         "unpatched, eager", "interleave 2, eager", "--profile", str(profile)])
+    text = profile.read_text()
+    assert text.count("one generate of") == len(result["decode"]) == 2
+    assert "unpatched, eager, context 96" in text and "Self CPU" in text and "aten::" in text
