@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_speed  # noqa: E402  (the model, its inputs and the training step)
 
 import swaa  # noqa: E402
+from swaa.bench import markdown  # noqa: E402
 
 ATTENTIONS = ("full", "swaa")
 
@@ -155,17 +156,9 @@ def main(argv=None):
         json.dump(dict(meta=meta, rows=rows), file, indent=2)
     print(f"\n{meta['model']}, {meta['precision']}, {meta['device']}; one sequence per GPU and step; swaa: window"
           f" {args.window}, sink {args.sink}, interleave {args.interleave}, FA decode\n")
-    print("| attention | GPUs | tokens per GPU | step (s) | tokens/s (all GPUs) | peak memory per GPU (GiB) | throughput vs 1 GPU |")
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        if row["status"] != "ok":
-            print(f"| {row['attention']} | {row['gpus']} | {row['seq_len']} | {row['status']} | | | |")
-            continue
-        peak = "" if row["peak_gib"] is None else f"{row['peak_gib']:.1f}"
-        ratio = "" if row["speedup_vs_1_gpu"] is None else f"{row['speedup_vs_1_gpu']:.2f}x"
-        print(f"| {row['attention']} | {row['gpus']} | {row['seq_len']} | {row['step_s']:.3f} |"
-              f" {row['tokens_per_s']:.0f} | {peak} | {ratio} |")
-
+    shown = [dict(row, tokens_per_s=round(row["tokens_per_s"]) if "tokens_per_s" in row else None) for row in rows]
+    print(markdown(shown, ["attention", "gpus", "seq_len", "status", "step_s", "tokens_per_s", "peak_gib",
+                           "speedup_vs_1_gpu"]))
 
 if __name__ == "__main__":
     main()
