@@ -156,7 +156,7 @@ def model_rows(model, lengths: list[int], configs: dict) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats()
             first = min(_timed_generate(model, prompt, 1)[2] for _ in range(2))
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-            rows.append(dict(config=name, length=length, ttft_s=first, peak_gib=peak, compiled_graphs=_compiled_graphs()))
+            rows.append(dict(config=name, length=length, ttft_s=first, peak_gib=peak, **_compile_counts()))
             print(f"  {name:28s} {length:>7d}: TTFT {first:.3f} s, peak {peak:.1f} GiB", flush=True)
     if swaa.is_patched(model):
         swaa.unpatch_model(model)
@@ -267,7 +267,7 @@ def _per_path(models: dict, name: str, path: dict, lengths: list[int], new_token
             kwargs = dict(path["generate"])
             if kwargs:  # one cache size for the untimed and the timed call: no recompilation in between
                 kwargs["max_cache_len"] = length + new_tokens + 1
-            rows.append(dict(row, length=length, **measure(model, length, kwargs), compiled_graphs=_compiled_graphs()))
+            rows.append(dict(row, length=length, **measure(model, length, kwargs), **_compile_counts()))
     except Exception as error:  # noqa: BLE001 - reported in the table and the JSON
         print(f"  {name}: FAILED {type(error).__name__}: {error}", flush=True)
         rows.append(dict(row, error=f"{type(error).__name__}: {str(error)[:500]}"))
@@ -279,11 +279,14 @@ def _per_path(models: dict, name: str, path: dict, lengths: list[int], new_token
     return rows
 
 
-def _compiled_graphs() -> int:
-    """Graphs torch.compile has built so far: flat across a config's lengths means no recompiles."""
+def _compile_counts() -> dict:
+    """Graphs torch.compile has built so far (flat across a config's lengths: no recompiles), and the times
+    inductor ran a compiled step without CUDA graphs (each adds every kernel launch back to every step;
+    ``TORCH_LOGS=cudagraphs`` says why)."""
     from torch._dynamo.utils import counters
 
-    return int(counters["stats"]["unique_graphs"])
+    return dict(compiled_graphs=int(counters["stats"]["unique_graphs"]),
+                cudagraph_skips=int(counters["inductor"]["cudagraph_skips"]))
 
 
 def markdown(rows: list[dict], columns: list[str]) -> str:
@@ -408,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(markdown(result["speedups"], ["config", "length", "ttft_speedup", "memory_ratio"]))
     if result["decode"]:
         print(markdown(result["decode"], ["path", "length", "tpot_ms", "floor_ms", "over_floor", "ttft_s",
-                                          "compiled_graphs", "error"]))
+                                          "compiled_graphs", "cudagraph_skips", "error"]))
     if result["end_to_end"]:
         print(markdown(result["end_to_end"], ["path", "length", "new_tokens", "seconds", "ttft_s", "tpot_ms", "error"]))
     return result

@@ -62,3 +62,4 @@ def test_profile_adds_the_kernels_of_one_generate_per_decode_row(tmp_path):
     text = profile.read_text()
     assert text.count("one generate of") == len(result["decode"]) == 2
     assert "unpatched, eager, context 96" in text and "Self CPU" in text and "aten::" in text
+    assert all(isinstance(row["cudagraph_skips"], int) for row in result["decode"])
