@@ -35,12 +35,17 @@ from .rules import LayerRule, window_start
 PROMPT_END = "swaa_prompt_end"  # attribute of a cache inside generate: cache index where generated tokens start
 
 # transformers 5.24 renamed the cache argument of forward and generate (and the outputs' field) from
-# `past_key_values` to `cache`, still accepting the old name; swaa reads either and writes the installed name.
-CACHE_KWARG = (
-    "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
-    else "past_key_values"
-)
+# `past_key_values` to `cache`, still accepting the old name; swaa reads either and writes the name the
+# receiver takes: generate's (the installed version's) or, for a forward, that forward's own.
 _CACHE_NAMES = ("cache", "past_key_values")
+
+
+def cache_kwarg(function) -> str:
+    """The name under which ``function`` (a forward, or generate's input preparation) takes its cache."""
+    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
+
+
+CACHE_KWARG = cache_kwarg(GenerationMixin.prepare_inputs_for_generation)
 
 
 def cache_argument(kwargs: Mapping) -> Cache | None:
@@ -48,10 +53,10 @@ def cache_argument(kwargs: Mapping) -> Cache | None:
     return next((kwargs[name] for name in _CACHE_NAMES if kwargs.get(name) is not None), None)
 
 
-def set_cache_argument(kwargs: dict, cache: Cache) -> None:
-    for name in _CACHE_NAMES:
-        kwargs.pop(name, None)
-    kwargs[CACHE_KWARG] = cache
+def set_cache_argument(kwargs: dict, cache: Cache, name: str = CACHE_KWARG) -> None:
+    for other in _CACHE_NAMES:
+        kwargs.pop(other, None)
+    kwargs[name] = cache
 
 
 def is_bounded(rule: LayerRule) -> bool:

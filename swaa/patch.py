@@ -34,6 +34,7 @@ from .cache import (
     SWAACache,
     SWAAStaticCache,
     cache_argument,
+    cache_kwarg,
     check_cache,
     clear_prompt_end,
     key_slots,
@@ -68,6 +69,7 @@ class _PatchState:
     rules: tuple[LayerRule, ...]
     hooks: list
     own_configs: list  # (module, its config before the patch): the patch gives the model configs of its own
+    cache_kwarg: str  # the name under which the decoder's forward takes its cache
 
 
 def _transformers_model(model) -> PreTrainedModel:
@@ -214,7 +216,8 @@ def patch_model(model, config: SWAAConfig | dict | None = None, **fields):
 
     AttentionInterface.register(ATTENTION_NAME, swaa_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, padding_mask)
-    state = _PatchState(config=config, rules=rules, hooks=[], own_configs=_own_configs(target))
+    state = _PatchState(config=config, rules=rules, hooks=[], own_configs=_own_configs(target),
+                        cache_kwarg=cache_kwarg(decoder.forward))
     for model_config in {id(m.config): m.config for m in target.modules() if isinstance(m, PreTrainedModel)}.values():
         model_config._attn_implementation_internal = ATTENTION_NAME
     if decoder is not target:
@@ -427,7 +430,7 @@ def _before_forward(state: _PatchState, decoder: torch.nn.Module, args: tuple, k
     )
     if past is None and not decoder.training and (decoder.config.use_cache if use_cache is None else use_cache):
         past = new_cache(state.rules, state.config.bounded_cache and layout.query_seq is None)
-        set_cache_argument(kwargs, past)
+        set_cache_argument(kwargs, past, state.cache_kwarg)
     if isinstance(past, (SWAACache, SWAAStaticCache)):
         past.begin_forward(layout)  # its ring layers keep what later queries can see, by position
     need_weights = bool(kwargs.get("output_attentions") or decoder.config.output_attentions)

@@ -313,3 +313,31 @@ def test_a_meta_device_model_runs_with_the_bounded_cache():
     out = model(ids)
     assert isinstance(out.past_key_values, SWAACache) and out.logits.shape == (2, 9, 61)
     assert model(ids[:, :1], past_key_values=out.past_key_values).logits.shape == (2, 1, 61)
+
+
+def test_a_decoder_that_takes_its_cache_under_the_old_name_gets_swaas_cache():
+    """transformers 5.24 renamed the forward's ``past_key_values`` to ``cache``; a decoder written against the
+    old name (remote code) still receives swaa's bounded cache, under the name it takes."""
+    from tiny import _COMMON
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    from swaa.cache import CACHE_KWARG
+
+    class OldNameModel(Qwen3Model):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    use_cache=None, **kwargs):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=use_cache, **{CACHE_KWARG: past_key_values}, **kwargs)
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(**{**_COMMON, "head_dim": 8})).double().eval()
+    old = OldNameModel(model.config).double().eval()
+    old.load_state_dict(model.model.state_dict())
+    model.model = old
+    swaa.patch_model(model, window=3, sink=1, fa_decode=False, backend="reference")
+    ids = torch.randint(1, 50, (2, 9))
+    cache = old(ids, use_cache=True)[CACHE_KWARG]
+    assert isinstance(cache, SWAACache)
+    step = old(ids[:, :1], past_key_values=cache).last_hidden_state
+    whole = old(torch.cat([ids, ids[:, :1]], dim=1), use_cache=False).last_hidden_state[:, -1:]
+    torch.testing.assert_close(step, whole)
