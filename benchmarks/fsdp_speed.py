@@ -71,10 +71,9 @@ def worker(args) -> None:
             model = train_speed.build_model(args, device, torch.bfloat16 if cuda else torch.float32)
             if attention == "swaa":
                 swaa.patch_model(model, window=args.window, sink=args.sink, interleave=args.interleave)
+            inputs = train_speed.step_inputs(args, seq_len, model.get_base_model().config.vocab_size, device)
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
             model, optimizer = accelerator.prepare(model, optimizer)
-            inputs = train_speed.step_inputs(args, seq_len, train_speed.TINY["vocab_size"] if args.smoke
-                                             else train_speed.QWEN3_4B["vocab_size"], device)
             row = dict(attention=attention, gpus=world, seq_len=seq_len, fsdp=fsdp is not None, status="ok")
             try:
                 row.update(step_seconds_and_peak(accelerator, model, optimizer, inputs, args, cuda))
@@ -159,6 +158,7 @@ def main(argv=None):
     shown = [dict(row, tokens_per_s=round(row["tokens_per_s"]) if "tokens_per_s" in row else None) for row in rows]
     print(markdown(shown, ["attention", "gpus", "seq_len", "status", "step_s", "tokens_per_s", "peak_gib",
                            "speedup_vs_1_gpu"]))
+
 
 if __name__ == "__main__":
     main()
