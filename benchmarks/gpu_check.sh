@@ -15,11 +15,12 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, s
     grep -E "passed|failed|^E " "$OUT/gpu_tests.log" | tail -8; }
 [ -n "${SKIP_MODEL:-}" ] || { step model 300 python3 -m swaa.bench --skip-kernels --lengths ${LENGTHS:-16384 32768 65536 131072} \
     --out "$OUT/model.json" --plot "$OUT/speedup.png"; tail -28 "$OUT/model.log"; }
-# TORCH_LOGS=cudagraphs: the log says why a compiled step ran without CUDA graphs (the cudagraph_skips column)
-[ -n "${SKIP_DECODE:-}" ] || { TORCH_LOGS=cudagraphs step decode 1500 python3 -m swaa.bench --skip-kernels --skip-model \
+# the decode table's cudagraph_skips column counts compiled steps run without CUDA graphs; TORCH_LOGS=cudagraphs
+# would say why, but on torch 2.11 its logger raised an AssertionError once a second cache size was compiled
+[ -n "${SKIP_DECODE:-}" ] || { step decode 1500 python3 -m swaa.bench --skip-kernels --skip-model \
     --decode ${DECODE_LENGTHS:-4096 32768 131072} --paths unpatched native "interleave 2," "SWA (no FA decode)" \
     --e2e 131072 512 --e2e-paths unpatched "interleave 2, static" "SWA (no FA decode), static" --out "$OUT/decode.json" \
-    --profile "$OUT/decode_profile.txt"; tail -24 "$OUT/decode.log"; grep -i "skipping cudagraph" "$OUT/decode.log" | sort | uniq -c; }
+    --profile "$OUT/decode_profile.txt"; tail -24 "$OUT/decode.log"; }
 # two GPUs: FSDP2 through accelerate against one GPU, and its speed and memory
 [ -n "${SKIP_FSDP:-}" ] || [ "$(nvidia-smi -L | wc -l)" -lt 2 ] || {
     step fsdp_tests 600 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_fsdp_gpu.py tests/test_train.py \
@@ -27,4 +28,5 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, s
     step fsdp_speed 900 python3 benchmarks/fsdp_speed.py --json "$OUT/fsdp_speed.json"; tail -8 "$OUT/fsdp_speed.log"; }
 [ -n "${SKIP_KERNELS:-}" ] || { step kernels 100 python3 -m swaa.bench --skip-model --lengths ${LENGTHS:-16384 32768 65536 131072} \
     --out "$OUT/kernels.json"; tail -32 "$OUT/kernels.log"; }
-[ -n "${SKIP_TUNING:-}" ] || { step tuning 60 python3 benchmarks/flex_tuning.py; cat "$OUT/tuning.log" | grep options; }
+[ -n "${SKIP_TUNING:-}" ] || { step tuning 120 python3 benchmarks/flex_tuning.py --sections forward --json "$OUT/flex_tuning.json"
+    grep "^|" "$OUT/tuning.log"; }

@@ -18,7 +18,9 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import time
+from typing import NamedTuple
 
 import torch
 import transformers
@@ -125,8 +127,18 @@ class _TokenClock:
         pass
 
 
-def _timed_generate(model, prompt: torch.Tensor, new_tokens: int, **generate_kwargs) -> tuple[float, float, float]:
-    """(time to first token, time per output token after it, total time) in s of one greedy ``generate``."""
+class Timing(NamedTuple):
+    """One greedy ``generate``, in seconds: time to first token; time per output token after it (the median
+    step: the steady state); the first step after it (where a compiled step is captured into a CUDA graph
+    when the cache is new to it); the whole call."""
+
+    ttft: float
+    tpot: float
+    first_step: float
+    total: float
+
+
+def _timed_generate(model, prompt: torch.Tensor, new_tokens: int, **generate_kwargs) -> Timing:
     clock = _TokenClock()
     if prompt.is_cuda:
         torch.cuda.synchronize()
@@ -136,8 +148,8 @@ def _timed_generate(model, prompt: torch.Tensor, new_tokens: int, **generate_kwa
     if prompt.is_cuda:
         torch.cuda.synchronize()
     total = time.perf_counter() - start
-    first, last = clock.times[1], clock.times[-1]
-    return first - start, (last - first) / max(len(clock.times) - 2, 1), total
+    steps = [later - earlier for earlier, later in zip(clock.times[1:], clock.times[2:])] or [0.0]
+    return Timing(clock.times[1] - start, statistics.median(steps), steps[0], total)
 
 
 def model_rows(model, lengths: list[int], configs: dict) -> list[dict]:
@@ -154,7 +166,7 @@ def model_rows(model, lengths: list[int], configs: dict) -> list[dict]:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            first = min(_timed_generate(model, prompt, 1)[2] for _ in range(2))
+            first = min(_timed_generate(model, prompt, 1).total for _ in range(2))
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
             rows.append(dict(config=name, length=length, ttft_s=first, peak_gib=peak, **_compile_counts()))
             print(f"  {name:28s} {length:>7d}: TTFT {first:.3f} s, peak {peak:.1f} GiB", flush=True)
@@ -202,14 +214,15 @@ def decode_rows(models: dict, lengths: list[int], paths: dict, new_tokens: int, 
     for name, path in paths.items():
         def measure(model, length, kwargs):
             _timed_generate(model, _prompt(model, length), 3, **kwargs)  # compiles, captures, warms the allocator
-            ttft, tpot, _ = _timed_generate(model, _prompt(model, length), new_tokens + 1, **kwargs)
+            ttft, tpot, first_step, _ = _timed_generate(model, _prompt(model, length), new_tokens + 1, **kwargs)
             floor = _floor_seconds(model, path, length, copy_rate)
             if profile:
                 _profile_generate(model, _prompt(model, length), new_tokens + 1, kwargs, profile,
                                   f"{name}, context {length}: TPOT {tpot * 1e3:.2f} ms")
-            print(f"  {name:45s} {length:>7d}: TPOT {tpot * 1e3:.2f} ms (floor {floor * 1e3:.2f}), TTFT {ttft:.2f} s",
-                  flush=True)
-            return dict(ttft_s=ttft, tpot_ms=tpot * 1e3, floor_ms=floor * 1e3, over_floor=tpot / floor)
+            print(f"  {name:45s} {length:>7d}: TPOT {tpot * 1e3:.2f} ms (floor {floor * 1e3:.2f}, first step"
+                  f" {first_step * 1e3:.1f}), TTFT {ttft:.2f} s", flush=True)
+            return dict(ttft_s=ttft, tpot_ms=tpot * 1e3, floor_ms=floor * 1e3, over_floor=tpot / floor,
+                        first_step_ms=first_step * 1e3)
 
         rows += _per_path(models, name, path, lengths, new_tokens + 1, measure,
                           dict(path=name))
@@ -238,10 +251,10 @@ def end_to_end_rows(models: dict, length: int, new_tokens: int, paths: dict) -> 
     for name, path in paths.items():
         def measure(model, length, kwargs):
             _timed_generate(model, _prompt(model, length), 3, **kwargs)
-            ttft, tpot, seconds = _timed_generate(model, _prompt(model, length), new_tokens, **kwargs)
-            print(f"  {name:45s} {length} + {new_tokens}: {seconds:.2f} s (TTFT {ttft:.2f} s, TPOT {tpot * 1e3:.2f} ms)",
-                  flush=True)
-            return dict(seconds=seconds, ttft_s=ttft, tpot_ms=tpot * 1e3)
+            ttft, tpot, first_step, seconds = _timed_generate(model, _prompt(model, length), new_tokens, **kwargs)
+            print(f"  {name:45s} {length} + {new_tokens}: {seconds:.2f} s (TTFT {ttft:.2f} s, TPOT {tpot * 1e3:.2f} ms,"
+                  f" first step {first_step * 1e3:.1f} ms)", flush=True)
+            return dict(seconds=seconds, ttft_s=ttft, tpot_ms=tpot * 1e3, first_step_ms=first_step * 1e3)
 
         rows += _per_path(models, name, path, [length], new_tokens, measure,
                           dict(path=name, new_tokens=new_tokens))
@@ -255,19 +268,24 @@ def _prompt(model, length: int) -> torch.Tensor:
 def _per_path(models: dict, name: str, path: dict, lengths: list[int], new_tokens: int,
               measure, row: dict) -> list[dict]:
     """``measure(model, length, generate_kwargs)`` for one path at each length, with the path's patch
-    applied and its compiled code its own (``torch._dynamo.reset``). A path that fails is a row with its
-    error and the run goes on: one path's failure must not lose the others' numbers."""
-    torch._dynamo.reset()
+    applied. Each (path, length) starts afresh, as a user running one config at one size: its own compiled
+    code (``torch._dynamo.reset``: static shapes, not the dynamic ones a second size would bring) and a static
+    cache of its own size (``generate`` keeps every later static cache at least as large as the largest one
+    before, through ``_previous_max_cache_length``; left in place, a 4k row after a 128k one reads 128k slots).
+    A path that fails is a row with its error and the run goes on: one path's failure must not lose the
+    others' numbers."""
     model = models["native" if path.get("native") else "base"]
     rows = []
     try:
         if path["fields"] is not None:
             swaa.patch_model(model, window=WINDOW, sink=SINK, **path["fields"])
         for length in lengths:
+            torch._dynamo.reset()
+            vars(model).pop("_previous_max_cache_length", None)
             kwargs = dict(path["generate"])
             if kwargs:  # one cache size for the untimed and the timed call: no recompilation in between
                 kwargs["max_cache_len"] = length + new_tokens + 1
-            rows.append(dict(row, length=length, **measure(model, length, kwargs), **_compile_counts()))
+            rows.append(dict(row, length=length, **_counted(lambda: measure(model, length, kwargs))))
     except Exception as error:  # noqa: BLE001 - reported in the table and the JSON
         print(f"  {name}: FAILED {type(error).__name__}: {error}", flush=True)
         rows.append(dict(row, error=f"{type(error).__name__}: {str(error)[:500]}"))
@@ -280,13 +298,21 @@ def _per_path(models: dict, name: str, path: dict, lengths: list[int], new_token
 
 
 def _compile_counts() -> dict:
-    """Graphs torch.compile has built so far (flat across a config's lengths: no recompiles), and the times
-    inductor ran a compiled step without CUDA graphs (each adds every kernel launch back to every step;
-    ``TORCH_LOGS=cudagraphs`` says why)."""
+    """Graphs torch.compile has built so far in this process, and the times inductor ran a compiled step
+    without CUDA graphs (each adds every kernel launch back to every step; ``TORCH_LOGS=cudagraphs`` says why,
+    but on torch 2.11 its logger also raised an AssertionError once a second cache size was compiled)."""
     from torch._dynamo.utils import counters
 
     return dict(compiled_graphs=int(counters["stats"]["unique_graphs"]),
                 cudagraph_skips=int(counters["inductor"]["cudagraph_skips"]))
+
+
+def _counted(measure) -> dict:
+    """``measure()``'s row, with what ``_compile_counts`` counted during it: the graphs this row compiled (its
+    decode step, FlexAttention's prefill kernels), and its steps without CUDA graphs."""
+    before = _compile_counts()
+    row = measure()
+    return dict(row, **{name: count - before[name] for name, count in _compile_counts().items()})
 
 
 def markdown(rows: list[dict], columns: list[str]) -> str:
@@ -410,10 +436,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(markdown(result["model"], ["config", "length", "ttft_s", "peak_gib", "compiled_graphs"]))
         print(markdown(result["speedups"], ["config", "length", "ttft_speedup", "memory_ratio"]))
     if result["decode"]:
-        print(markdown(result["decode"], ["path", "length", "tpot_ms", "floor_ms", "over_floor", "ttft_s",
+        print(markdown(result["decode"], ["path", "length", "tpot_ms", "floor_ms", "over_floor", "first_step_ms", "ttft_s",
                                           "compiled_graphs", "cudagraph_skips", "error"]))
     if result["end_to_end"]:
-        print(markdown(result["end_to_end"], ["path", "length", "new_tokens", "seconds", "ttft_s", "tpot_ms", "error"]))
+        print(markdown(result["end_to_end"], ["path", "length", "new_tokens", "seconds", "ttft_s", "tpot_ms", "first_step_ms",
+                                              "error"]))
     return result
 
 

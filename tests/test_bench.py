@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from transformers.cache_utils import StaticLayer
 
 from swaa import bench
 
@@ -63,3 +64,25 @@ def test_profile_adds_the_kernels_of_one_generate_per_decode_row(tmp_path):
     assert text.count("one generate of") == len(result["decode"]) == 2
     assert "unpatched, eager, context 96" in text and "Self CPU" in text and "aten::" in text
     assert all(isinstance(row["cudagraph_skips"], int) for row in result["decode"])
+
+
+def test_every_row_gets_a_static_cache_of_its_own_size(tmp_path, monkeypatch):
+    """generate sizes a static cache at least as large as the model's largest before: a 4k row measured after
+    a 128k row would read 128k slots. Each row's caches must have the size that row asks for."""
+    asked, made = [], []
+    real_generate, real_layer = bench._timed_generate, StaticLayer.__init__
+
+    def timed(model, prompt, new_tokens, **kwargs):
+        asked.append(kwargs.get("max_cache_len"))
+        return real_generate(model, prompt, new_tokens, **kwargs)
+
+    def layer(self, max_cache_len, *args, **kwargs):
+        made.append((asked[-1], max_cache_len))
+        real_layer(self, max_cache_len, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "_timed_generate", timed)
+    monkeypatch.setattr(StaticLayer, "__init__", layer)
+    bench.main(["--smoke", "--skip-model", "--out", str(tmp_path / "b.json"), "--decode", "160", "64", "--paths",
+                "unpatched, static", "interleave 2, static", "--e2e", "64", "4", "--e2e-paths", "interleave 2, static"])
+    assert {size for size, _ in made} == {160 + 66, 64 + 66, 64 + 5}
+    assert all(size == made_size for size, made_size in made), sorted(set(made))
