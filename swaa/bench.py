@@ -27,7 +27,7 @@ import transformers
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import swaa
-from swaa.backends import flash, flex, sdpa
+from swaa.backends import flash, flex, reference, sdpa
 from swaa.cache import is_bounded
 from swaa.layout import Layout
 from swaa.rules import LayerRule, layer_rules, window_start
@@ -101,16 +101,36 @@ def kernel_rows(lengths: list[int], heads: int = 32, kv_heads: int = 8, head_dim
             seconds = cuda_seconds(lambda: attend(q, k, v, rule=rule, layout=layout, scaling=scaling))
             flops = 4 * head_dim * heads * visible_pairs(length, rule.window, rule.sink)
             rows.append(dict(length=length, kernel=name, ms=seconds * 1e3, tflops=flops / seconds / 1e12))
-        decode_q = q[:, :, -1:]
-        decode = Layout.build(batch_size=1, q_len=1, past_len=length - 1, device=torch.device("cuda"), prompt_end=length - 1)
-        cache_bytes = 2 * k.numel() * k.element_size()
-        for name, rule in {"decode, FA-decode layer": LayerRule(WINDOW, SINK, True),
-                           "decode, SWA layer": LayerRule(WINDOW, SINK, False)}.items():
-            seconds = cuda_seconds(lambda: sdpa.attend(decode_q, k, v, rule=rule, layout=decode, scaling=scaling), 5, 36)
-            read = cache_bytes if rule.fa_decode else cache_bytes * min(1.0, (WINDOW + SINK) / length)
-            rows.append(dict(length=length, kernel=name, ms=seconds * 1e3, us=seconds * 1e6,
-                             read_floor_us=read / copy_rate * 1e6, copy_tb_s=copy_rate / 1e12))
+        rows += _decode_kernel_rows(q[:, :, -1:], k, v, copy_rate)
         del q, k, v
+    return rows
+
+
+def _decode_kernel_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, copy_rate: float) -> list[dict]:
+    """One generated token's attention against ``key.shape[2]`` cached tokens: in a cache that holds exactly
+    them (PyTorch's fused kernel, no mask), and in a static cache of twice as many slots, half unwritten, as
+    a compiled decode step sees it (with a mask: swaa's grouped products, which read every slot, and
+    FlexAttention's decoding kernel, which visits only the blocks its block mask lists). Each compiled, as in
+    the decode step. The floor reads the written keys and values once."""
+    length = key.shape[2]
+    scaling = query.shape[-1] ** -0.5
+    fa_decode = LayerRule(WINDOW, SINK, True)
+    written = Layout.build(batch_size=1, q_len=1, past_len=length - 1, device=query.device, prompt_end=length - 1)
+    static = Layout.build(batch_size=1, q_len=1, past_len=torch.tensor(length - 1, device=query.device),
+                          device=query.device, key_slots=2 * length, prompt_end=length - 1)
+    slots = torch.cat([key, torch.zeros_like(key)], 2), torch.cat([value, torch.zeros_like(value)], 2)
+    cases = {
+        "decode, FA-decode layer, written cache, sdpa": (sdpa.attend, key, value, written),
+        "decode, FA-decode layer, half-written static cache, grouped products": (reference.attend, *slots, static),
+        "decode, FA-decode layer, half-written static cache, flex": (flex.attend, *slots, static),
+    }
+    read = 2 * key.numel() * key.element_size()
+    rows = []
+    for name, (attend, keys, values, layout) in cases.items():
+        step = torch.compile(lambda: attend(query, keys, values, rule=fa_decode, layout=layout, scaling=scaling)[0])
+        seconds = cuda_seconds(step, 5, 36)
+        rows.append(dict(length=length, kernel=name, ms=seconds * 1e3, us=seconds * 1e6,
+                         read_floor_us=read / copy_rate * 1e6, copy_tb_s=copy_rate / 1e12))
     return rows
 
 
@@ -175,9 +195,11 @@ def model_rows(model, lengths: list[int], configs: dict) -> list[dict]:
     return rows
 
 
-def decode_paths() -> dict[str, dict]:
+def decode_paths(cuda: bool = True) -> dict[str, dict]:
     """Every way to decode: unpatched eager and static + compiled, transformers' native sliding window
-    (every layer, static + compiled: the anchor for swaa's bounded layers), each SWAA config both ways."""
+    (every layer, static + compiled: the anchor for swaa's bounded layers), each SWAA config both ways, and
+    (on a GPU) the recommended config with backend="flex", whose decoding kernel visits only the cache blocks
+    a token may see where ``auto``'s grouped products read every slot of a static cache."""
     static = dict(cache_implementation="static")
     paths = {"unpatched, eager": dict(fields=None, generate={}),
              "unpatched, static + compiled": dict(fields=None, generate=static),
@@ -185,6 +207,9 @@ def decode_paths() -> dict[str, dict]:
     for name, fields in SWAA_CONFIGS.items():
         paths[f"{name}, eager"] = dict(fields=fields, generate={})
         paths[f"{name}, static + compiled"] = dict(fields=fields, generate=static)
+    if cuda:
+        paths["FA decode + interleave 2, flex decoding, static + compiled"] = dict(
+            fields=dict(interleave=2, backend="flex"), generate=static)
     return paths
 
 
@@ -409,8 +434,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     result["model"] = [] if args.skip_model else model_rows(model, lengths, configs)
     result["speedups"] = speedups(result["model"])
-    paths = _select(decode_paths(), args.paths) if decode_lengths else {}
-    e2e_paths = _select(decode_paths(), args.e2e_paths) if args.e2e else {}
+    paths = _select(decode_paths(cuda), args.paths) if decode_lengths else {}
+    e2e_paths = _select(decode_paths(cuda), args.e2e_paths) if args.e2e else {}
     models = {"base": model}
     if any(path.get("native") for path in [*paths.values(), *e2e_paths.values()]):
         models["native"] = _native_sliding_window_model(model, WINDOW)
