@@ -124,6 +124,10 @@ CASES = [
     # decode over a long cache: the one-query product runs split (reference.DECODE_CHUNK), whole chunks + rest
     Case((33 * 256 + 5, 5000), 1, W(64, sink=4, fa_decode=True), prompt_end=33 * 256 + 4),
     Case((33 * 256,), 1, W(64, sink=4), prompt_end=33 * 256 - 1),
+    # fewer than 32 chunks: one product over the whole chunks, one over the rest; the second row's keys all
+    # sit in the rest (its chunk part sees nothing), the third row's in both
+    Case((300, 40, 200), 1, W(8, sink=2, fa_decode=True), prompt_end=299),
+    Case((256 + 3, 100), 1, W(16, sink=3), prompt_end=256 + 2),
 ]
 
 # Training calls (several queries each) for the gradient tests: CASES without decode steps, and larger ones

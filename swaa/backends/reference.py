@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..layout import Layout
 from ..rules import LayerRule
 
-DECODE_CHUNK = 256  # keys per partial product of a long one-query call (see _weighted_values)
+DECODE_CHUNK = 256  # keys per aligned block and per partial product of a one-query call (see _one_query)
 
 
 def attend(
@@ -59,32 +59,38 @@ def attend(
 def _one_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                scaling: float) -> torch.Tensor:
     """query: (batch, heads, 1, head_dim); key, value: (batch, kv_heads, kv_len, head_dim); mask: (batch, 1,
-    kv_len) bool. Returns (batch, 1, heads, head_dim); a row that sees no key gives 0."""
+    kv_len) bool. Returns (batch, 1, heads, head_dim); a row that sees no key gives 0.
+
+    The keys go in two parts, whole ``DECODE_CHUNK``s and the rest, with one softmax over both: the products
+    over the chunks then have operands whose rows start at aligned addresses whatever the cache's length (a
+    score row of an odd number of keys sends cuBLAS to slow unaligned kernels, most of a step's time on an
+    H200 at 4k and 128k keys); the rest is a small product."""
     batch, heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # head h reads kv head h // group
-    wide = torch.promote_types(query.dtype, torch.float32)  # softmax in at least float32
-    scores = (grouped @ key.transpose(-1, -2)).to(wide) * scaling  # (batch, kv_heads, group, kv_len)
-    scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    weights = torch.nan_to_num(scores.softmax(-1), nan=0.0).to(value.dtype)
-    output = _weighted_values(weights, value).reshape(batch, heads, 1, value.shape[-1])
+    wide = torch.promote_types(query.dtype, torch.float32)  # softmax and sums in at least float32
+    split = key.shape[2] // DECODE_CHUNK * DECODE_CHUNK
+    parts = [(key[:, :, a:b], value[:, :, a:b], mask[..., a:b]) for a, b in ((0, split), (split, key.shape[2])) if b > a]
+    scores = [((grouped @ k.transpose(-1, -2)).to(wide) * scaling).masked_fill(~m[:, None], float("-inf"))
+              for k, _, m in parts]  # (batch, kv_heads, group, keys of the part)
+    top = torch.stack([s.amax(-1, keepdim=True) for s in scores]).amax(0).clamp(min=torch.finfo(wide).min)
+    exps = [torch.exp(s - top) for s in scores]
+    total = sum(e.sum(-1, keepdim=True) for e in exps).clamp(min=1.0)  # >= 1 once a key is seen; 0 / 1 if none
+    output = sum(_weighted_values((e / total).to(value.dtype), v) for e, (_, v, _) in zip(exps, parts))
+    output = output.to(value.dtype).reshape(batch, heads, 1, value.shape[-1])
     return output.transpose(1, 2).contiguous()
 
 
 def _weighted_values(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``weights @ value`` for one query per row: (batch, kv_heads, group, kv_len) x (batch, kv_heads, kv_len,
-    d). Over a long cache that is one long reduction per kv head, which one matrix product spreads over few
-    GPU blocks; in chunks of ``DECODE_CHUNK`` keys (and one product for the rest) it is many small products,
-    summed in float32: the split of flash-decoding, in plain tensor ops."""
+    """``weights @ value`` for one query per row, in float32: (batch, kv_heads, group, kv_len) x (batch,
+    kv_heads, kv_len, d). Over 32 whole chunks or more that is one long reduction per kv head, which one
+    matrix product spreads over few GPU blocks; chunk by chunk it is many small products, summed in float32:
+    the split of flash-decoding, in plain tensor ops."""
     batch, kv_heads, group, kv_len = weights.shape
     chunks = kv_len // DECODE_CHUNK
-    if chunks < 32:
-        return weights @ value
-    split = chunks * DECODE_CHUNK
-    parts = weights[..., :split].view(batch, kv_heads, group, chunks, DECODE_CHUNK).transpose(2, 3) @ value[
-        :, :, :split].view(batch, kv_heads, chunks, DECODE_CHUNK, value.shape[-1])  # (batch, kv_heads, chunks, group, d)
     wide = torch.promote_types(value.dtype, torch.float32)
-    output = parts.sum(2, dtype=wide)
-    if split < kv_len:
-        output = output + (weights[..., split:] @ value[:, :, split:]).to(wide)
-    return output.to(value.dtype)
+    if chunks < 32 or kv_len % DECODE_CHUNK:
+        return (weights @ value).to(wide)
+    parts = weights.view(batch, kv_heads, group, chunks, DECODE_CHUNK).transpose(2, 3) @ value.view(
+        batch, kv_heads, chunks, DECODE_CHUNK, value.shape[-1])  # (batch, kv_heads, chunks, group, d)
+    return parts.sum(2, dtype=wide)
