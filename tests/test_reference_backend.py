@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from kernel_cases import CASES, make_inputs, reference_output
 
 from swaa.backends import reference
@@ -29,3 +30,35 @@ def test_layout_mask_is_the_rule_and_nothing_else():
     assert torch.equal(layout.mask(case.rule), expected)
     for other in (type(case.rule)(case.rule.window + 1, case.rule.sink), type(case.rule)(case.rule.window, case.rule.sink - 1)):
         assert not torch.equal(layout.mask(other), expected)
+
+
+class _MatrixProducts(TorchDispatchMode):
+    """Records the operand and result strides of every batched matrix product."""
+
+    def __init__(self):
+        super().__init__()
+        self.products = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.bmm.default, torch.ops.aten.mm.default):
+            self.products.append([(t.shape, t.stride()) for t in (*args[:2], result)])
+        return result
+
+
+@pytest.mark.parametrize("cache_len", [4129, 33 * 256 + 5, 2148])
+def test_one_query_products_over_many_keys_have_aligned_rows(cache_len):
+    """A decode step's large products must have operands whose rows start every 8 elements (16 bytes in
+    bf16) whatever the cache's length: an odd row length sends cuBLAS to its unaligned kernels (the top GPU
+    item of a decode step on an H200). Products over fewer than 256 keys (the rest) may be unaligned."""
+    query = torch.randn(1, 8, 1, 64, dtype=torch.bfloat16)
+    key = torch.randn(1, 2, cache_len, 64, dtype=torch.bfloat16)
+    mask = torch.ones(1, 1, cache_len, dtype=torch.bool)
+    with _MatrixProducts() as recorded:
+        reference._one_query(query, key, torch.randn_like(key), mask, 0.125)
+    large = [p for p in recorded.products if max(max(shape[-2:]) for shape, _ in p) >= 256]
+    assert large
+    for product in large:
+        for shape, stride in product:
+            row = stride[-2] if stride[-1] == 1 else stride[-1]
+            assert row % 8 == 0, f"a product over {cache_len} keys has rows of {row} elements: {product}"
