@@ -46,10 +46,10 @@ class _MatrixProducts(TorchDispatchMode):
         return result
 
 
-@pytest.mark.parametrize("cache_len", [4129, 33 * 256 + 5, 2148])
+@pytest.mark.parametrize("cache_len", [4130, 33 * 256 + 5, 2148])
 def test_one_query_products_over_many_keys_have_aligned_rows(cache_len):
     """A decode step's large products must have operands whose rows start every 8 elements (16 bytes in
-    bf16) whatever the cache's length: an odd row length sends cuBLAS to its unaligned kernels (the top GPU
+    bf16) whatever the cache's length: other row lengths send cuBLAS to its unaligned kernels (the top GPU
     item of a decode step on an H200). Products over fewer than 256 keys (the rest) may be unaligned."""
     query = torch.randn(1, 8, 1, 64, dtype=torch.bfloat16)
     key = torch.randn(1, 2, cache_len, 64, dtype=torch.bfloat16)

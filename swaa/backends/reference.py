@@ -62,9 +62,9 @@ def _one_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask
     kv_len) bool. Returns (batch, 1, heads, head_dim); a row that sees no key gives 0.
 
     The keys go in two parts, whole ``DECODE_CHUNK``s and the rest, with one softmax over both: the products
-    over the chunks then have operands whose rows start at aligned addresses whatever the cache's length (a
-    score row of an odd number of keys sends cuBLAS to slow unaligned kernels, most of a step's time on an
-    H200 at 4k and 128k keys); the rest is a small product."""
+    over the chunks then have operands whose rows start at aligned addresses whatever the cache's length (score
+    rows of a number of keys that is not a multiple of 8 send cuBLAS to slow unaligned kernels: the top GPU
+    item of a decode step on an H200); the rest is a small product."""
     batch, heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # head h reads kv head h // group
