@@ -83,13 +83,13 @@ def _one_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask
 
 def _weighted_values(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``weights @ value`` for one query per row, in float32: (batch, kv_heads, group, kv_len) x (batch,
-    kv_heads, kv_len, d). Over 32 whole chunks or more that is one long reduction per kv head, which one
-    matrix product spreads over few GPU blocks; chunk by chunk it is many small products, summed in float32:
-    the split of flash-decoding, in plain tensor ops."""
+    kv_heads, kv_len, d), ``kv_len`` whole chunks or less than one (``_one_query``'s parts). Over 32 chunks or
+    more that is one long reduction per kv head, which one matrix product spreads over few GPU blocks; chunk
+    by chunk it is many small products, summed in float32: the split of flash-decoding, in plain tensor ops."""
     batch, kv_heads, group, kv_len = weights.shape
     chunks = kv_len // DECODE_CHUNK
     wide = torch.promote_types(value.dtype, torch.float32)
-    if chunks < 32 or kv_len % DECODE_CHUNK:
+    if chunks < 32:
         return (weights @ value).to(wide)
     parts = weights.view(batch, kv_heads, group, chunks, DECODE_CHUNK).transpose(2, 3) @ value.view(
         batch, kv_heads, chunks, DECODE_CHUNK, value.shape[-1])  # (batch, kv_heads, chunks, group, d)
