@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache, GenerationMixin, StaticCache
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer
 
+from .backends.reference import in_place_slots
 from .layout import Layout
 from .rules import LayerRule, window_start
 
@@ -346,11 +347,13 @@ class SWAACache(_SWAACacheMixin, DynamicCache):
 
 class SWAAStaticCache(_SWAACacheMixin, StaticCache):
     """Static cache of a patched model, for ``generate(cache_implementation="static")`` and compiled decoding:
-    full-attention and FA-decode layers are fixed layers of ``max_cache_len`` slots (``StaticLayer``), bounded
+    full-attention and FA-decode layers are fixed layers of ``max_cache_len`` slots (``StaticLayer``; a long
+    cache rounded up to whole chunks, which the decode step reads in place: ``in_place_slots``), bounded
     layers (with ``bounded``) fixed rings of ``sink + window - 1`` slots; every shape is fixed and every
     update in place, so a decode step can be captured in a CUDA graph."""
 
     def __init__(self, rules: tuple[LayerRule, ...], max_cache_len: int, bounded: bool = True):
+        max_cache_len = in_place_slots(max_cache_len)
         Cache.__init__(self, layers=self._layers(
             rules, bounded, True, max_cache_len, lambda: StaticLayer(max_cache_len=max_cache_len)))
 

@@ -15,6 +15,7 @@ from test_generate import assert_logits_equal, run_and_compare
 from tiny import _COMMON as TINY_CONFIG
 from tiny import FAMILIES, left_padded, tiny_model
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     DynamicCache,
     GenerationConfig,
@@ -123,6 +124,42 @@ def test_a_long_static_cache_is_read_in_chunks_and_stays_exact(max_cache_len):
     ids, mask = left_padded([12, 7], total=12, seed=40)
     assert_same_generation(generate(model, ids, mask, cache_implementation="static", max_cache_len=max_cache_len),
                            generate(model, ids, mask))
+
+
+class _NewTensors(TorchDispatchMode):
+    """Records the size of every tensor an op makes in new memory (not a view, not in place) while ``on``."""
+
+    def __init__(self):
+        super().__init__()
+        self.on, self.sizes = False, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if self.on:
+            given = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                     if isinstance(t, torch.Tensor)}
+            self.sizes += [t.numel() for t in torch.utils._pytree.tree_leaves(result)
+                           if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given]
+        return result
+
+
+@pytest.mark.parametrize("max_cache_len", [32 * DECODE_CHUNK - 1, 32 * DECODE_CHUNK + 7, 40 * DECODE_CHUNK + 200])
+def test_a_decode_step_reads_a_long_static_cache_in_place(max_cache_len):
+    """A static cache of 32 chunks or more holds whole chunks, so the split decode product views its values as
+    chunks without copying them (an H200 spent a quarter of each 128k step copying every layer's values)."""
+    model = tiny_model("qwen3")
+    swaa.patch_model(model, window=3, sink=1, interleave=2)
+    rules = layer_rules(swaa.get_config(model), model.config.num_hidden_layers)
+    slots = SWAAStaticCache(rules, max_cache_len).get_max_length()
+    assert slots == (max_cache_len if max_cache_len < 32 * DECODE_CHUNK else -(-max_cache_len // DECODE_CHUNK) * DECODE_CHUNK)
+    ids, mask = left_padded([12, 7], total=12, seed=41)
+    values_of_a_layer = 2 * model.config.num_key_value_heads * slots * model.config.head_dim
+    recorder = _NewTensors()
+    decoding = lambda module, args, kwargs: setattr(recorder, "on", kwargs["input_ids"].shape[1] == 1)  # noqa: E731
+    model.register_forward_pre_hook(decoding, with_kwargs=True)
+    with recorder:
+        generate(model, ids, mask, cache_implementation="static", max_cache_len=max_cache_len)
+    assert recorder.sizes and max(recorder.sizes) < values_of_a_layer / 2
 
 
 def test_generate_without_a_cache_still_knows_the_generated_tokens():

@@ -15,6 +15,17 @@ from ..layout import Layout
 from ..rules import LayerRule
 
 DECODE_CHUNK = 256  # keys per aligned block and per partial product of a one-query call (see _one_query)
+SPLIT_FROM_CHUNKS = 32  # from this many whole chunks on, a one-query call sums per-chunk products (_weighted_values)
+
+
+def in_place_slots(slots: int) -> int:
+    """The number of cache slots, at least ``slots``, whose one-query products read the values where they lie:
+    a long cache in whole chunks. The chunked product views each row's values as (chunks, chunk, d); over
+    whole chunks of the full tensor that view is one strided batch, over part of a longer row it is not, and
+    the product first copies every value (on an H200 at 128k: 124 us of each layer's step, a quarter of it)."""
+    if slots < SPLIT_FROM_CHUNKS * DECODE_CHUNK:
+        return slots
+    return -(-slots // DECODE_CHUNK) * DECODE_CHUNK
 
 
 def attend(
@@ -85,11 +96,12 @@ def _weighted_values(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor
     """``weights @ value`` for one query per row, in float32: (batch, kv_heads, group, kv_len) x (batch,
     kv_heads, kv_len, d), ``kv_len`` whole chunks or less than one (``_one_query``'s parts). Over 32 chunks or
     more that is one long reduction per kv head, which one matrix product spreads over few GPU blocks; chunk
-    by chunk it is many small products, summed in float32: the split of flash-decoding, in plain tensor ops."""
+    by chunk it is many small products, summed in float32: the split of flash-decoding, in plain tensor ops.
+    ``value`` is read in place when it is a whole tensor of whole chunks (``in_place_slots``), else copied."""
     batch, kv_heads, group, kv_len = weights.shape
     chunks = kv_len // DECODE_CHUNK
     wide = torch.promote_types(value.dtype, torch.float32)
-    if chunks < 32:
+    if chunks < SPLIT_FROM_CHUNKS:
         return (weights @ value).to(wide)
     parts = weights.view(batch, kv_heads, group, chunks, DECODE_CHUNK).transpose(2, 3) @ value.view(
         batch, kv_heads, chunks, DECODE_CHUNK, value.shape[-1])  # (batch, kv_heads, chunks, group, d)
