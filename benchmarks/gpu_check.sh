@@ -19,7 +19,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, s
 # would say why, but on torch 2.11 its logger raised an AssertionError once a second cache size was compiled
 # (each static row compiles afresh, about a minute each: the whole step takes 15-20 minutes)
 [ -n "${SKIP_DECODE:-}" ] || { step decode 1500 python3 -m swaa.bench --skip-kernels --skip-model \
-    --decode ${DECODE_LENGTHS:-4096 131072} --paths "unpatched, static" native "interleave 2, static" "flex decoding" \
+    --decode ${DECODE_LENGTHS:-4096 131072} --paths "unpatched, static" native "interleave 2, static" \
     "SWA (no FA decode), static" --e2e 131072 512 --e2e-paths unpatched "interleave 2, static" \
     "SWA (no FA decode), static" --out "$OUT/decode.json" --profile "$OUT/decode_profile.txt"; tail -24 "$OUT/decode.log"; }
 # two GPUs: FSDP2 through accelerate against one GPU, and its speed and memory

@@ -195,11 +195,9 @@ def model_rows(model, lengths: list[int], configs: dict) -> list[dict]:
     return rows
 
 
-def decode_paths(cuda: bool = True) -> dict[str, dict]:
+def decode_paths() -> dict[str, dict]:
     """Every way to decode: unpatched eager and static + compiled, transformers' native sliding window
-    (every layer, static + compiled: the anchor for swaa's bounded layers), each SWAA config both ways, and
-    (on a GPU) the recommended config with backend="flex", whose decoding kernel visits only the cache blocks
-    a token may see where ``auto``'s grouped products read every slot of a static cache."""
+    (every layer, static + compiled: the anchor for swaa's bounded layers), each SWAA config both ways."""
     static = dict(cache_implementation="static")
     paths = {"unpatched, eager": dict(fields=None, generate={}),
              "unpatched, static + compiled": dict(fields=None, generate=static),
@@ -207,9 +205,6 @@ def decode_paths(cuda: bool = True) -> dict[str, dict]:
     for name, fields in SWAA_CONFIGS.items():
         paths[f"{name}, eager"] = dict(fields=fields, generate={})
         paths[f"{name}, static + compiled"] = dict(fields=fields, generate=static)
-    if cuda:
-        paths["FA decode + interleave 2, flex decoding, static + compiled"] = dict(
-            fields=dict(interleave=2, backend="flex"), generate=static)
     return paths
 
 
@@ -434,8 +429,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     result["model"] = [] if args.skip_model else model_rows(model, lengths, configs)
     result["speedups"] = speedups(result["model"])
-    paths = _select(decode_paths(cuda), args.paths) if decode_lengths else {}
-    e2e_paths = _select(decode_paths(cuda), args.e2e_paths) if args.e2e else {}
+    paths = _select(decode_paths(), args.paths) if decode_lengths else {}
+    e2e_paths = _select(decode_paths(), args.e2e_paths) if args.e2e else {}
     models = {"base": model}
     if any(path.get("native") for path in [*paths.values(), *e2e_paths.values()]):
         models["native"] = _native_sliding_window_model(model, WINDOW)

@@ -19,7 +19,7 @@ def test_bench_smoke_writes_results(tmp_path, capsys):
     assert {row["config"] for row in saved["model"]} == {"full attention (sdpa)", *bench.SWAA_CONFIGS}
     assert len(saved["speedups"]) == len(bench.SWAA_CONFIGS) * 2
     assert plot.read_bytes().startswith(b"\x89PNG")
-    assert [row["path"] for row in saved["decode"]] == list(bench.decode_paths(cuda=False))
+    assert [row["path"] for row in saved["decode"]] == list(bench.decode_paths())
     assert all(row["tpot_ms"] > 0 for row in saved["decode"])
     assert [row["path"] for row in saved["end_to_end"]] == ["unpatched, static + compiled",
                                                             "FA decode + interleave 2, static + compiled"]

@@ -2,7 +2,8 @@
 
 A backend is a function ``attend(query, key, value, *, rule, layout, scaling, dropout, need_weights)``
 returning ``(output, weights)``; see ``reference.attend`` for the shapes. Backends know nothing about
-models. ``select`` picks one per call; "auto" takes the fastest exact path measured on the device.
+models. ``select`` picks one per call; "auto" takes the fastest exact path measured on the device; "flex"
+runs FlexAttention on calls of several queries and auto's path on decode steps.
 """
 
 from __future__ import annotations
@@ -55,13 +56,16 @@ def select(name: str, query: torch.Tensor, value: torch.Tensor, rule: LayerRule,
                 "'auto' or 'flex' for compiled decoding (generate with cache_implementation='static')"
             )
         return flash.attend
-    if name == "flex":
+    if name == "flex" and query.shape[2] > 1:
         return flex.attend
+    # auto, and a decode step (one query per row) under flex: FlexAttention's decoding kernel read a long static
+    # cache slower than the grouped products on an H200, and inductor (torch 2.11) failed to build it inside a
+    # compiled decode step
     if sdpa.handles(query, rule, layout):
-        _announce("sdpa", device, "auto: the query sees every key, no mask needed")
+        _announce("sdpa", device, f"{name}: the query sees every key, no mask needed")
         return sdpa.attend
     if query.shape[2] == 1:
-        _announce("reference", device, "auto: one query per row with a mask, grouped matrix products")
+        _announce("reference", device, f"{name}: one query per row with a mask, grouped matrix products")
         return reference.attend
     if reason := flex.unsupported(query, value):
         _announce("reference", device, f"auto: {reason}")

@@ -20,7 +20,7 @@ CONFIGS = {
     "every_layer_swa_bounded": dict(window=48, sink=5, fa_decode=False),
     "fa_decode_every_layer": dict(window=40, sink=3),
     "unbounded_no_fa_decode": dict(window=48, sink=5, fa_decode=False, bounded_cache=False),
-    # FlexAttention's decoding kernel in the compiled step (what the benchmark's flex-decoding path runs)
+    # backend="flex": FlexAttention for the prompt, the grouped products for the decode steps (compiled)
     "interleave2_flex": dict(window=48, sink=5, interleave=2, backend="flex"),
 }
 
