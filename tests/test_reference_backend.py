@@ -7,7 +7,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from kernel_cases import CASES, make_inputs, reference_output
 
-from swaa.backends import reference
+from swaa import backends
+from swaa.backends import flex, reference, sdpa
+from swaa.layout import Layout
+from swaa.rules import LayerRule
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -62,3 +65,19 @@ def test_one_query_products_over_many_keys_have_aligned_rows(cache_len):
         for shape, stride in product:
             row = stride[-2] if stride[-1] == 1 else stride[-1]
             assert row % 8 == 0, f"a product over {cache_len} keys has rows of {row} elements: {product}"
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "padded"])
+def test_flex_runs_several_queries_in_flexattention_and_a_decode_step_on_autos_path(monkeypatch, padded):
+    """backend='flex': FlexAttention for a prompt; for one query per row the fused kernel over a plain cache,
+    the grouped products over a masked one (never FlexAttention's decoding kernel, slower and not compilable in
+    a decode step on torch 2.11). The device check is CUDA's; the choice is what is tested here."""
+    monkeypatch.setattr(backends, "check_available", lambda name, device: None)
+    rule = LayerRule(3, 1, True)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1]]) if padded else None
+    cpu = torch.device("cpu")
+    for q_len, past, expected in ((1, 5, reference.attend if padded else sdpa.attend), (6, 0, flex.attend)):
+        layout = Layout.build(batch_size=1, q_len=q_len, past_len=past, device=cpu, prompt_end=5,
+                              attention_mask=mask)
+        query, value = torch.randn(1, 4, q_len, 16), torch.randn(1, 2, 6, 16)
+        assert backends.select("flex", query, value, rule, layout, need_weights=False) is expected
