@@ -11,7 +11,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, s
     local name=$1 seconds=$2; shift 2
     timeout "$seconds" "$@" > "$OUT/$name.log" 2>&1; echo "== $name exit $?"
 }
-[ -n "${SKIP_TESTS:-}" ] || { step gpu_tests 200 python3 -m pytest -q tests/gpu -p no:cacheprovider -k "${TESTS:-}";
+# the compiled-decode tests compile every config afresh: that file alone took about 12 minutes on an H200
+[ -n "${SKIP_TESTS:-}" ] || { step gpu_tests 1800 python3 -m pytest -q tests/gpu -p no:cacheprovider -k "${TESTS:-}";
     grep -E "passed|failed|^E " "$OUT/gpu_tests.log" | tail -8; }
 [ -n "${SKIP_MODEL:-}" ] || { step model 300 python3 -m swaa.bench --skip-kernels --lengths ${LENGTHS:-16384 32768 65536 131072} \
     --out "$OUT/model.json" --plot "$OUT/speedup.png"; tail -28 "$OUT/model.log"; }
