@@ -115,14 +115,18 @@ def test_a_cache_that_drops_keys_is_refused():
         generate(model, ids, mask, past_key_values=DynamicCache(config=model.config))
 
 
-@pytest.mark.parametrize("max_cache_len", [32 * DECODE_CHUNK, 32 * DECODE_CHUNK + 7])
-def test_a_long_static_cache_is_read_in_chunks_and_stays_exact(max_cache_len):
-    """From 32 chunks of keys on, the decode product runs split (whole chunks, then the rest); the tokens are
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("max_cache_len,chunk", [(32 * DECODE_CHUNK, None), (32 * DECODE_CHUNK + 7, None),
+                                                 (32 * DECODE_CHUNK + 7, 5)], ids=["whole", "rounded", "rounded_chunked"])
+def test_a_long_static_cache_is_read_in_chunks_and_stays_exact(family, max_cache_len, chunk):
+    """From 32 chunks of keys on, a static cache holds whole chunks (rounded up: slots no token was asked for)
+    and the decode product runs split; with left padding and chunked prefill, in every family, the tokens are
     still the dynamic path's."""
-    model = tiny_model("qwen3")
+    model = tiny_model(family)
     swaa.patch_model(model, window=3, sink=1, interleave=2)
     ids, mask = left_padded([12, 7], total=12, seed=40)
-    assert_same_generation(generate(model, ids, mask, cache_implementation="static", max_cache_len=max_cache_len),
+    assert_same_generation(generate(model, ids, mask, cache_implementation="static", max_cache_len=max_cache_len,
+                                    prefill_chunk_size=chunk),
                            generate(model, ids, mask))
 
 
