@@ -339,14 +339,34 @@ def test_finetune_example_runs_under_ddp_with_two_processes(tmp_path):
     assert (out / "swaa_config.json").exists() and (out / "adapter_model.safetensors").exists()
 
 
+def within_the_yardstick(row):
+    """The failures of one fsdp_worker.py row: the patched model's sharded-against-one-process differences may
+    be at most those of the same model without swaa under the same sharding (the yardstick, measured in the same
+    run), 2x for values (each answer token's loss, which bounds the loss, their mean) and 3x for gradients, as
+    flash-attn's tests hold a kernel to a reference's rounding; float32's old tolerances are the floor where
+    the yardstick is 0."""
+    patched, yardstick = row["patched"], row["unpatched"]
+    checks = [
+        ("answer-token loss", patched["token_loss_diff"], yardstick["token_loss_diff"],
+         2 * yardstick["token_loss_diff"] + 1e-6 * patched["one_process_loss"]),
+        ("LoRA gradient", patched["max_grad_diff"], yardstick["max_grad_diff"],
+         3 * yardstick["max_grad_diff"] + 1e-5),
+    ]
+    return [f"{row['family']} rank {row['rank']}: {what} difference {value:.3g} > {bound:.3g} "
+            f"(yardstick {measured:.3g})" for what, value, measured, bound in checks if not value <= bound]
+
+
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
                     reason="two processes need two GPUs on a CUDA machine (NCCL); on a CPU-only machine they use gloo")
 def test_lora_on_a_patched_model_sharded_with_fsdp2_matches_one_process():
     """FSDP2 (``fully_shard`` on every decoder layer and the model) over 2 processes: the patch holds, and the
-    loss and LoRA gradients equal those of the same model in one process (and differ from full attention's,
-    so swaa's pattern is what ran), also under a bfloat16 mixed-precision policy, which rebuilds every
-    layer's forward arguments. accelerate's FSDP needs GPUs; this is the same sharding, run directly."""
-    families = ["qwen3", "mistral", "llama", "qwen3+bf16"]
+    loss and LoRA gradients equal those of the same model in one process as closely as the model without swaa
+    manages under the same sharding and policy (and differ from full attention's, so swaa's pattern is what
+    ran), also under a bfloat16 mixed-precision policy, which rebuilds every layer's forward arguments.
+    accelerate's FSDP needs GPUs; this is the same sharding, run directly. bf16's differences depend on the
+    machine's kernels (qwen3 without swaa: 5.1% of its largest gradient on AVX2, 4.1% with
+    ATEN_CPU_CAPABILITY=default), so no fixed bound carries between machines: the yardstick is measured."""
+    families = ["qwen3", "mistral", "llama", "qwen3+bf16", "llama+bf16"]
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
          os.path.join(ROOT, "tests", "fsdp_worker.py"), *families],
@@ -357,11 +377,11 @@ def test_lora_on_a_patched_model_sharded_with_fsdp2_matches_one_process():
     rows = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("[")))
     assert sorted((row["family"], row["rank"]) for row in rows) == sorted((f, r) for f in families for r in (0, 1))
     for row in rows:
-        assert row["patched"] and row["grads"] > 0
-        bf16 = row["family"].endswith("+bf16")  # bfloat16 compute: its rounding, no more
-        assert row["loss"] == pytest.approx(row["one_process_loss"], rel=2e-2 if bf16 else 1e-6)
-        assert row["max_grad_diff"] < (5e-2 * row["max_grad"] if bf16 else 1e-5)
-        assert row["loss"] != pytest.approx(row["full_attention_loss"], rel=1e-6)
+        assert row["patched"]["patched"] and not row["unpatched"]["patched"]
+        assert row["patched"]["grads"] == row["unpatched"]["grads"] > 0
+        assert row["patched"]["loss"] != pytest.approx(row["unpatched"]["one_process_loss"], rel=1e-6)
+    failures = [failure for row in rows for failure in within_the_yardstick(row)]
+    assert not failures, "\n".join(failures)
 
 
 def test_fsdp_speed_benchmark_smoke_one_and_two_processes(tmp_path):
