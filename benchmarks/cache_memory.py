@@ -11,7 +11,8 @@ total and above the weights) and the wall time. Then it finds the longest prompt
 doubling from the first length until out of memory (or ``--max-len``), then bisecting to ``--resolution``
 tokens. Configs: full attention (unpatched, sdpa); every layer SWA (no FA decode: bounded cache); odd layers
 full without FA decode (half the layers bounded); FA decode on every SWA layer (nothing bounded). The JSON
-goes to the path given; a markdown table is printed last.
+goes to the path given; a markdown table is printed last. torch and transformers are imported after the
+arguments are read: ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+if TYPE_CHECKING:  # annotations only: torch loads after the arguments are read
+    import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import swaa  # noqa: E402
+from swaa.tables import markdown_table  # noqa: E402
 
 QWEN3_4B = dict(
     vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
@@ -50,6 +53,9 @@ def swaa_configs(window: int, sink: int) -> dict[str, dict | None]:
 
 
 def build_model(shape: dict, device: torch.device, dtype: torch.dtype, max_len: int):
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
     config = Qwen3Config(**shape, max_position_embeddings=max(max_len * 2, 4096), pad_token_id=0,
                          eos_token_id=None, bos_token_id=None)
     previous = torch.get_default_dtype()
@@ -64,6 +70,8 @@ def build_model(shape: dict, device: torch.device, dtype: torch.dtype, max_len: 
 
 
 def cache_bytes(cache) -> int:
+    import torch
+
     total = 0
     for layer in cache.layers:
         for name in ("keys", "values", "positions"):
@@ -75,6 +83,8 @@ def cache_bytes(cache) -> int:
 
 def measure(model, fields, length: int, chunk: int | None, device: torch.device, weights: int) -> dict:
     """One generate of a ``length``-token prompt; raises torch.OutOfMemoryError when it does not fit."""
+    import torch
+
     if fields is None:
         if swaa.is_patched(model):
             swaa.unpatch_model(model)
@@ -105,6 +115,8 @@ def measure(model, fields, length: int, chunk: int | None, device: torch.device,
 
 
 def free(device):
+    import torch
+
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -141,17 +153,17 @@ def mib(value) -> str:
 
 
 def table(results: list[dict], longest: dict[str, int]) -> str:
-    lines = ["| config | prompt | KV cache MiB | peak GiB | peak above weights GiB | time s |",
-             "|---|---|---|---|---|---|"]
-    for row in results:
-        if row.get("oom"):
-            lines.append(f"| {row['config']} | {row['prompt_len']} | out of memory | | | |")
-        else:
-            lines.append(f"| {row['config']} | {row['prompt_len']} | {mib(row['kv_bytes'])} | {gib(row['peak_bytes'])}"
-                         f" | {gib(row['peak_above_weights_bytes'])} | {row['seconds']} |")
-    lines += ["", "| config | longest prompt that fits |", "|---|---|"]
-    lines += [f"| {name} | {length} |" for name, length in longest.items()]
-    return "\n".join(lines)
+    header = ["config", "prompt", "KV cache MiB", "peak GiB", "peak above weights GiB", "time s"]
+    measured = markdown_table(header, [table_row(row) for row in results])
+    return measured + "\n\n" + markdown_table(["config", "longest prompt that fits"], longest.items())
+
+
+def table_row(row: dict) -> list:
+    """A result's cells in the printed table."""
+    if row.get("oom"):
+        return [row["config"], row["prompt_len"], "out of memory", None, None, None]
+    return [row["config"], row["prompt_len"], mib(row["kv_bytes"]), gib(row["peak_bytes"]),
+            gib(row["peak_above_weights_bytes"]), str(row["seconds"])]
 
 
 def main(argv=None) -> int:
@@ -167,6 +179,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-search", action="store_true", help="skip the longest-prompt search")
     parser.add_argument("--configs", nargs="+", help="only these config names")
     args = parser.parse_args(argv)
+    import torch
 
     if args.smoke:
         device, dtype, shape = torch.device("cpu"), torch.float32, TINY

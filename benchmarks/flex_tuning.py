@@ -8,6 +8,8 @@ and inductor's own search (``max-autotune``), beside PyTorch's fused causal atte
 all keys: the ratio is what a windowed layer costs against a full one. Writes the rows as JSON.
 
     python benchmarks/flex_tuning.py --sections backward --length 32768 --json flex_tuning.json
+
+torch and swaa's kernels are imported after the arguments are read: ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -16,17 +18,10 @@ import argparse
 import json
 import time
 
-import torch
-from torch._dynamo.utils import counters
-from torch.nn.attention.flex_attention import flex_attention
-
-from swaa.backends import flex
-from swaa.bench import cuda_seconds, markdown
-from swaa.layout import Layout
-from swaa.rules import LayerRule
+from swaa.tables import markdown_table
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
-RULE = LayerRule(2048, 100)
+WINDOW, SINK = 2048, 100
 # (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, stages, warps): PyTorch's sm90 default for head_dim 128 is
 # (64, 128, 128, 64, 3, 8); the others are its autotuning space's neighbours that fit the 128-token blocks.
 BACKWARD_CANDIDATES = {
@@ -44,24 +39,36 @@ BACKWARD_CANDIDATES = {
 
 
 def inputs(length, batch=1, grad=False):
+    import torch
+
     q = torch.randn(batch, HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
     k = torch.randn(batch, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
     return q, k, torch.randn_like(k, requires_grad=grad)
 
 
 def forward_rows() -> list[dict]:
+    import torch
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from swaa.backends import flex
+    from swaa.bench import cuda_seconds
+    from swaa.layout import Layout
+    from swaa.rules import LayerRule
+
+    rule = LayerRule(WINDOW, SINK)
     rows = []
     length = 131072
     q, k, v = inputs(length)
     layout = Layout.build(batch_size=1, q_len=length, past_len=0, device=torch.device("cuda"))
-    mask = flex.block_mask(RULE, layout)
+    mask = flex.block_mask(rule, layout)
     for dynamic in (False, True):
         for name, options in {"default": None, "BLOCK_M/N 128": {"BLOCK_M": 128, "BLOCK_N": 128}}.items():
             compiled = torch.compile(flex_attention, dynamic=dynamic)
             if dynamic:  # let it see another length first, as in real use
                 q2, k2, v2 = inputs(40960)
                 layout2 = Layout.build(batch_size=1, q_len=40960, past_len=0, device=torch.device("cuda"))
-                compiled(q2, k2, v2, block_mask=flex.block_mask(RULE, layout2), scale=HEAD_DIM**-0.5,
+                compiled(q2, k2, v2, block_mask=flex.block_mask(rule, layout2), scale=HEAD_DIM**-0.5,
                          enable_gqa=True, kernel_options=options)
             ms = 1e3 * cuda_seconds(lambda: compiled(q, k, v, block_mask=mask, scale=HEAD_DIM**-0.5, enable_gqa=True,
                                                      kernel_options=options))
@@ -78,7 +85,7 @@ def forward_rows() -> list[dict]:
             fresh = Layout.build(batch_size=len(batch_lengths), q_len=total, past_len=0, device=torch.device("cuda"),
                                  attention_mask=attention_mask)
             q, k, v = inputs(total, len(batch_lengths))
-            flex.attend(q, k, v, rule=RULE, layout=fresh, scaling=HEAD_DIM**-0.5)
+            flex.attend(q, k, v, rule=rule, layout=fresh, scaling=HEAD_DIM**-0.5)
         torch.cuda.synchronize()
         rows.append(dict(section="fresh layouts", options=name,
                          new_graphs=counters["stats"]["unique_graphs"] - before, ms=1e3 * (time.perf_counter() - start)))
@@ -97,9 +104,17 @@ def backward_rows(length: int, answer: int, save) -> list[dict]:
     """Forward + backward of one layer's attention per kernel option set; the windowed rule over the
     training layout, and cuDNN's causal attention over all keys for comparison. ``save(rows)`` after each
     row: an autotuning search cut short by a time limit keeps the rows before it."""
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from swaa.backends import flex
+    from swaa.bench import cuda_seconds
+    from swaa.layout import Layout
+    from swaa.rules import LayerRule
+
     q, k, v = inputs(length, grad=True)
     grad = torch.randn_like(q)
-    rule = LayerRule(RULE.window, RULE.sink, True)
+    rule = LayerRule(WINDOW, SINK, True)
     layout = Layout.build(batch_size=1, q_len=length, past_len=0, device=torch.device("cuda"),
                           prompt_len=length - answer)
     mask = flex.block_mask(rule, layout)
@@ -143,6 +158,7 @@ def main(argv=None):
     parser.add_argument("--answer", type=int, default=512, help="answer tokens of the backward section's layout")
     parser.add_argument("--json", default="flex_tuning.json")
     args = parser.parse_args(argv)
+    import torch
 
     def save(rows):
         with open(args.json, "w") as file:
@@ -153,7 +169,7 @@ def main(argv=None):
         rows += backward_rows(args.length, args.answer, lambda backward: save(rows + backward))
     save(rows)
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(markdown(rows, ["section", "options", "ms", "vs_full", "compile_s", "new_graphs", "error"]))
+    print(markdown_table(["section", "options", "ms", "vs_full", "compile_s", "new_graphs", "error"], rows))
 
 
 if __name__ == "__main__":

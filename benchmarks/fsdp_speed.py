@@ -8,6 +8,8 @@ script launches them itself, prints a markdown table last and writes the rows as
 
     python benchmarks/fsdp_speed.py --json fsdp_speed.json                  # 1 and 2 GPUs, 16k and 32k tokens
     python benchmarks/fsdp_speed.py --smoke --gpus 1 2 --json /tmp/f.json   # tiny model, CPU processes (test)
+
+torch and accelerate are imported after the arguments are read: ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -20,13 +22,11 @@ import sys
 import tempfile
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_speed  # noqa: E402  (the model, its inputs and the training step)
 
 import swaa  # noqa: E402
-from swaa.bench import markdown  # noqa: E402
+from swaa.tables import markdown_table  # noqa: E402
 
 ATTENTIONS = ("full", "swaa")
 
@@ -55,6 +55,7 @@ def parse_args(argv=None):
 
 def worker(args) -> None:
     """One process of a launch: every (tokens, attention) row, timed; rank 0 writes the rows."""
+    import torch
     from accelerate import Accelerator, FullyShardedDataParallelPlugin
 
     cuda = torch.cuda.is_available() and not args.smoke
@@ -91,6 +92,8 @@ def worker(args) -> None:
 
 def step_seconds_and_peak(accelerator, model, optimizer, inputs: dict, args, cuda: bool) -> dict:
     """Median seconds per optimizer step, and the largest peak memory of any GPU (GiB)."""
+    import torch
+
     sync = torch.cuda.synchronize if cuda else lambda: None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -133,6 +136,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(args)
+    import torch
+
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for gpus in args.gpus:
@@ -156,8 +161,8 @@ def main(argv=None):
     print(f"\n{meta['model']}, {meta['precision']}, {meta['device']}; one sequence per GPU and step; swaa: window"
           f" {args.window}, sink {args.sink}, interleave {args.interleave}, FA decode\n")
     shown = [dict(row, tokens_per_s=round(row["tokens_per_s"]) if "tokens_per_s" in row else None) for row in rows]
-    print(markdown(shown, ["attention", "gpus", "seq_len", "status", "step_s", "tokens_per_s", "peak_gib",
-                           "speedup_vs_1_gpu"]))
+    print(markdown_table(["attention", "gpus", "seq_len", "status", "step_s", "tokens_per_s", "peak_gib",
+                          "speedup_vs_1_gpu"], shown))
 
 
 if __name__ == "__main__":

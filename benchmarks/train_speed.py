@@ -14,6 +14,7 @@ labels (the same loss and gradients), as trainers with a fused loss do; the answ
 ``prompt_len``. ``--logits all`` computes float32 logits over every token as the HF Trainer does: 20 GB at
 32k tokens (vocab 151936), an equal share of every row's time and memory that does not fit an 80 GB GPU at
 32k. ``--profile FILE`` records one more step of every row with torch.profiler and writes its top kernels.
+torch, transformers and peft are imported after the arguments are read: ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -23,12 +24,8 @@ import json
 import platform
 import time
 
-import torch
-from peft import LoraConfig, get_peft_model
-from torch.profiler import ProfilerActivity
-from transformers import Qwen3Config, Qwen3ForCausalLM
-
 import swaa
+from swaa.tables import markdown_table
 
 QWEN3_4B = dict(
     vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
@@ -70,6 +67,10 @@ def parse_args(argv=None):
 
 
 def build_model(args, device, dtype):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
     config = Qwen3Config(**(TINY if args.smoke else QWEN3_4B))
     torch.manual_seed(0)
     with torch.device(device):
@@ -85,6 +86,8 @@ def build_model(args, device, dtype):
 def step_inputs(args, seq_len: int, vocab: int, device) -> dict:
     """The forward's keyword arguments: one sequence of ``seq_len`` tokens, its last ``--answer-tokens`` the
     answer (the only tokens with labels)."""
+    import torch
+
     generator = torch.Generator().manual_seed(seq_len)
     ids = torch.randint(1, vocab, (1, seq_len), generator=generator).to(device)
     prompt = seq_len - args.answer_tokens
@@ -105,6 +108,9 @@ def training_step(model, optimizer, inputs: dict) -> None:
 def time_steps(model, args, inputs: dict, device):
     """Seconds per optimizer step (median of ``--steps``), peak memory in bytes (None on the CPU) and, with
     ``--profile``, a table of the top kernels of one more step (None without)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else lambda device: None
@@ -145,6 +151,8 @@ def attentions(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    import torch
+
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     model = build_model(args, device, dtype)
@@ -193,15 +201,17 @@ def main(argv=None):
     print(f"\n{meta['model']}, {meta['dtype']}, {meta['device']}; window {args.window}, sink {args.sink},"
           f" interleave {args.interleave}, FA decode {args.fa_decode}, logits over {args.logits} tokens;"
           " one step = fwd + bwd + AdamW (LoRA)\n")
-    print("| attention | tokens | step (s) | tokens/s | peak memory (GiB) | speed vs full |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        if row["status"] != "ok":
-            print(f"| {row['attention']} | {row['seq_len']} | {row['status']} | | | |")
-            continue
-        peak = "" if row["peak_gib"] is None else f"{row['peak_gib']:.1f}"
-        speed = "" if row["speedup_vs_full"] is None else f"{row['speedup_vs_full']:.2f}x"
-        print(f"| {row['attention']} | {row['seq_len']} | {row['step_s']:.3f} | {row['tokens_per_s']:.0f} | {peak} | {speed} |")
+    header = ["attention", "tokens", "step (s)", "tokens/s", "peak memory (GiB)", "speed vs full"]
+    print(markdown_table(header, [table_row(row) for row in rows]))
+
+
+def table_row(row: dict) -> list:
+    """A row's cells in the printed table: a row that did not run shows its status as its time."""
+    if row["status"] != "ok":
+        return [row["attention"], row["seq_len"], row["status"], None, None, None]
+    peak = None if row["peak_gib"] is None else f"{row['peak_gib']:.1f}"
+    speed = None if row["speedup_vs_full"] is None else f"{row['speedup_vs_full']:.2f}x"
+    return [row["attention"], row["seq_len"], f"{row['step_s']:.3f}", f"{row['tokens_per_s']:.0f}", peak, speed]
 
 
 if __name__ == "__main__":

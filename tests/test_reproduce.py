@@ -19,7 +19,8 @@ SCRIPT = ROOT / "examples" / "reproduce" / "reproduce.py"
 def run_smoke(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--out", str(out), *extra],
+    return subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--out", str(out), "--train-steps",
+                           "4", *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -40,16 +40,18 @@ import os
 import random
 import sys
 import time
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # annotations only: torch loads after the arguments are read
+    import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:  # run from anywhere without PYTHONPATH
     sys.path.insert(0, ROOT)
 
 import swaa  # noqa: E402
-from swaa.eval import config_name, run_grid  # noqa: E402
-from swaa.eval.configs import FULL_ATTENTION  # noqa: E402
+from swaa.eval.configs import FULL_ATTENTION, config_name  # noqa: E402
+from swaa.tables import markdown_table  # noqa: E402
 
 logger = logging.getLogger("swaa.reproduce")
 
@@ -160,6 +162,8 @@ def block_len(fmt: str, args) -> int:
 
 def sample_pairs(rows: int, pairs: int, args, gen: torch.Generator):
     """keys (rows, pairs, key_len), unique within a row; values (rows, pairs, val_len)."""
+    import torch
+
     lo, hi = content_range(args.vocab)
     size = hi - lo
     space = size ** args.key_len
@@ -180,6 +184,8 @@ def sample_pairs(rows: int, pairs: int, args, gen: torch.Generator):
 
 def context_tokens(keys, values) -> torch.Tensor:
     """(rows, 1 + pairs * (2 + key_len + val_len)): <bos> then <key> k.. <val> v.. for each pair."""
+    import torch
+
     rows, pairs, _ = keys.shape
     marker = lambda tok: torch.full((rows, pairs, 1), tok, dtype=torch.long)  # noqa: E731
     body = torch.cat([marker(KEY), keys, marker(VAL), values], -1).reshape(rows, -1)
@@ -188,6 +194,8 @@ def context_tokens(keys, values) -> torch.Tensor:
 
 def query_block(fmt: str, key, value) -> tuple[torch.Tensor, int]:
     """(rows, block_len) tokens of a query block and the length of its prompt part."""
+    import torch
+
     rows = key.shape[0]
     col = lambda tok: torch.full((rows, 1), tok, dtype=torch.long)  # noqa: E731
     if fmt == "direct":
@@ -209,6 +217,8 @@ def pairs_for(length: int, prompt_tail: int, args) -> int:
 
 def training_batch(length: int, rows: int, args, gen: torch.Generator):
     """input_ids (rows, T <= length) and labels (-100 except the answers of the query blocks)."""
+    import torch
+
     pair_len = 2 + args.key_len + args.val_len
     queries = max(1, min(args.max_queries, (length // pair_len) // 4))
     formats = [FORMATS[int(i)] for i in torch.randint(2, (queries,), generator=gen)]  # shared by the rows
@@ -232,6 +242,8 @@ def training_batch(length: int, rows: int, args, gen: torch.Generator):
 
 def eval_examples(fmt: str, count: int, args, seed: int) -> list[dict]:
     """Prompt/answer records in the swaa.eval format (text of integer ids), all prompts of one length."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     prompt_tail = 2 + args.key_len
     pairs = pairs_for(args.length, prompt_tail, args)
@@ -292,6 +304,8 @@ def curriculum(args) -> list[int]:
 
 def pretrain(model, args, device, first_stage: int = 0) -> dict:
     """Full-attention training from scratch; the loss covers the answers of the query blocks only."""
+    import torch
+
     gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))  # from the seeded global generator
     amp = device.type == "cuda"
     model.train()
@@ -357,6 +371,7 @@ def pretrain(model, args, device, first_stage: int = 0) -> dict:
 
 def load_or_train(args, device):
     """The trained model (float32, on ``device``) and its training log."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     ckpt = args.checkpoint
@@ -405,6 +420,7 @@ def finetune(model, tokenizer, args, device) -> tuple[object, dict]:
     """LoRA (q/k/v, rsLoRA) on the model patched with window + FA decode, trained through the library's
     collator (prompt labels -100, so the patched model finds where answers start); returns the merged,
     unpatched model and a log."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
     from swaa.train import PromptAnswerCollator
@@ -477,6 +493,10 @@ def grid_configs(args, which: str = "all") -> list:
 
 def evaluate(model, tokenizer, args, configs, datasets: dict, tag: str, device) -> list[dict]:
     """One swaa.eval grid per answer format; rows {model, format, config, accuracy, ...}."""
+    import torch
+
+    from swaa.eval import run_grid
+
     model = copy.deepcopy(model).to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
     rows = []
     for fmt, data in datasets.items():
@@ -509,11 +529,11 @@ def evaluate(model, tokenizer, args, configs, datasets: dict, tag: str, device) 
 # --------------------------------------------------------------------------------------------- output
 
 
-def _cell(value, fmt="{:.1f}", scale=1.0) -> str:
-    return "-" if value is None or value != value else fmt.format(scale * value)
+def _cell(value, fmt="{:.1f}", scale=1.0) -> str | None:
+    return None if value is None or value != value else fmt.format(scale * value)
 
 
-def markdown_table(rows: list[dict], finetuned: bool) -> str:
+def results_table(rows: list[dict], finetuned: bool) -> str:
     names = list(dict.fromkeys(r["config"] for r in rows if r["model"] == "base"))
     names += [n for n in dict.fromkeys(r["config"] for r in rows) if n not in names]
     get = {(r["model"], r["format"], r["config"]): r for r in rows}
@@ -521,7 +541,7 @@ def markdown_table(rows: list[dict], finetuned: bool) -> str:
     if finetuned:
         header += [f"direct, {FT_TAG} (%)", f"think, {FT_TAG} (%)"]
     header += ["ms / example direct", "ms / example think"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     for name in names:
         cells = [name]
         models = ["base"] + (["finetuned"] if finetuned else [])
@@ -532,8 +552,8 @@ def markdown_table(rows: list[dict], finetuned: bool) -> str:
         for fmt in FORMATS:
             row = get.get(("base", fmt, name)) or get.get(("finetuned", fmt, name))
             cells.append(_cell(row and row["seconds_per_example"], "{:.2f}", 1000))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 def write_plots(rows: list[dict], out: str) -> list[str]:
@@ -568,6 +588,8 @@ def write_plots(rows: list[dict], out: str) -> list[str]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    import torch  # after the arguments: --help answers at once
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("swaa").setLevel(logging.WARNING)  # the library's per-config chatter
     logger.setLevel(logging.INFO)
@@ -600,7 +622,7 @@ def main(argv=None) -> dict:
         ft_done = time.perf_counter()
         rows += evaluate(tuned, tokenizer, args, grid_configs(args, args.ft_eval), datasets, "finetuned", device)
         ft_log["eval_seconds"] = round(time.perf_counter() - ft_done, 1)
-    table = markdown_table(rows, finetuned=not args.no_finetune)
+    table = results_table(rows, finetuned=not args.no_finetune)
     for row in rows:
         if row["model"] == "base" and row["config"] == FULL_ATTENTION and not row["accuracy"] >= 0.9 and not args.smoke:
             logger.warning("full attention gets only %.1f%% on the %s format: the model has not learned retrieval well;"
