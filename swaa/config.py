@@ -159,19 +159,62 @@ class SWAAConfig:
         return cls.from_dict(data)
 
 
-def load_config_list(path: str | os.PathLike) -> list[SWAAConfig | None]:
-    """Read a list of configs, such as the authors' settings files; ``None`` stands for full attention
-    (their ``sliding_window_size: null`` entries)."""
-    with open(path) as file:
-        entries = json.load(file)
-    if not isinstance(entries, list):
-        entries = [entries]
-    configs = []
-    for entry in entries:
-        if isinstance(entry, dict) and "swaa_config" in entry:
-            entry = entry["swaa_config"]
-        if entry is None or (isinstance(entry, dict) and entry.get("sliding_window_size", 0) is None):
-            configs.append(None)
+FULL_ATTENTION_WORDS = ("full", "full attention", "none", "null")  # what a config list may say for no patch
+
+
+def _config_entry(entry, index: int) -> SWAAConfig | None:
+    """One entry of a list: a SWAAConfig, a dict of our or the authors' fields, ``{"swaa_config": {...}}``, or
+    full attention (None, "full", or the authors' ``sliding_window_size: null``)."""
+    if entry is None or isinstance(entry, SWAAConfig):
+        return entry
+    if isinstance(entry, str) and entry.strip().lower() in FULL_ATTENTION_WORDS:
+        return None
+    if isinstance(entry, dict):
+        if "swaa_config" in entry:
+            return _config_entry(entry["swaa_config"], index)
+        if "sliding_window_size" in entry and entry["sliding_window_size"] is None:
+            return None
+        try:
+            return SWAAConfig.from_dict(entry)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"config {index}: {error}") from None
+    raise ValueError(
+        f"config {index}: {entry!r}: must be a dict of SWAAConfig fields (window, sink, interleave, ...),"
+        f" a SWAAConfig, or one of {list(FULL_ATTENTION_WORDS)} / None for full attention"
+    )
+
+
+def _read_config_file(path: str):
+    if path.lower().endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"configs={path!r}: reading YAML needs pyyaml (pip install pyyaml)") from None
+        with open(path, encoding="utf-8") as file:
+            return yaml.safe_load(file)
+    if path.lower().endswith(".json"):
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    raise ValueError(f"configs={path!r}: unknown file type; allowed: .json, .yaml, .yml")
+
+
+def load_config_list(source) -> list[SWAAConfig | None]:
+    """A list of configs, ``None`` standing for full attention, from a .json / .yaml / .yml file (such as the
+    authors' settings lists, whose ``sliding_window_size: null`` entries are full attention), inline JSON
+    text, a list of entries, or one entry (a dict, a SWAAConfig, None or "full")."""
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source).strip()
+        if text[:1] in ("[", "{"):
+            try:
+                source = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"configs: inline JSON does not parse ({error.msg} at char {error.pos})") from None
+        elif text.lower() in FULL_ATTENTION_WORDS:
+            source = None
+        elif os.path.exists(text):
+            source = _read_config_file(text)
         else:
-            configs.append(SWAAConfig.from_dict(entry))
-    return configs
+            raise ValueError(f"configs={text!r}: neither inline JSON nor an existing .json/.yaml file")
+    if not isinstance(source, (list, tuple)):
+        source = [source]
+    return [_config_entry(entry, index) for index, entry in enumerate(source)]
