@@ -9,12 +9,13 @@ module adds what a training run needs around that:
   or packs them into one row with restarting ``position_ids`` (``DataCollatorWithFlattening``).
 - ``self_distill``: answers generated greedily by the original (unpatched) model, written next to the
   prompts as jsonl: the paper's training data.
-- ``load_examples``: jsonl through the standard library; parquet, csv and json through ``datasets``.
 - ``save_swaa_config`` / ``SWAAConfigCallback`` / ``load_adapter``: a peft adapter directory holds the
   LoRA weights only, so the SWAA config is written beside them as ``swaa_config.json`` and re-applied
   when the adapter is loaded.
 
-Nothing here imports peft or datasets until a function needs them.
+Examples are loaded and prompts built by ``swaa.data`` (``load_examples``, ``prompt_ids``), as the
+evaluation loads and builds them: the model is evaluated on the prompts it was fine-tuned on. Nothing here
+imports peft or datasets until a function needs them.
 """
 
 from __future__ import annotations
@@ -29,8 +30,13 @@ import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, TrainerCallback
 
 from .config import SWAAConfig
-from .patch import _transformers_model, get_config, is_patched, patch_model
+from .data import load_examples, prompt_ids
+from .patch import get_config, is_patched, patch_model
 
+__all__ = [
+    "IGNORE_INDEX", "PromptAnswerCollator", "SWAAConfigCallback", "SWAA_CONFIG_FILE", "load_adapter", "load_examples",
+    "save_swaa_config", "self_distill", "swaa_config_of",
+]
 logger = logging.getLogger("swaa")
 
 IGNORE_INDEX = -100
@@ -38,47 +44,6 @@ SWAA_CONFIG_FILE = "swaa_config.json"
 
 
 # ---------------------------------------------------------------------------------------------- data
-
-
-def load_examples(source, *, split: str = "train"):
-    """Examples as an indexable sequence of dicts.
-
-    ``source``: a list of dicts or a ``datasets.Dataset`` (returned as is), a ``.jsonl`` file (read with
-    the standard library), or a ``.parquet`` / ``.json`` / ``.csv`` file or a dataset directory (read
-    with ``datasets``, which must then be installed).
-    """
-    if not isinstance(source, (str, os.PathLike)):
-        return source
-    path = os.fspath(source)
-    if path.endswith(".jsonl"):
-        with open(path) as file:
-            return [json.loads(line) for line in file if line.strip()]
-    try:
-        import datasets
-    except ImportError as error:
-        raise ImportError(f"reading {path!r} needs the `datasets` package (pip install datasets), or give a .jsonl file") from error
-    kind = {".parquet": "parquet", ".json": "json", ".csv": "csv"}.get(os.path.splitext(path)[1])
-    if kind is None:
-        return datasets.load_from_disk(path) if os.path.isdir(path) else datasets.load_dataset(path, split=split)
-    return datasets.load_dataset(kind, data_files=path, split="train")
-
-
-def prompt_token_ids(tokenizer, prompt: str, *, chat_template: bool, chat_template_kwargs: dict | None = None) -> list[int]:
-    """Token ids of a prompt: through the tokenizer's chat template as one user turn followed by the
-    assistant's opening (``add_generation_prompt=True``), or the raw text with the tokenizer's special
-    tokens. ``self_distill`` and ``PromptAnswerCollator`` both use this, so training sees the prompts
-    the answers were generated from."""
-    if chat_template:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True,
-            **(chat_template_kwargs or {}),
-        )
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt)["input_ids"]
-
-
-def _uses_chat_template(tokenizer, chat_template: bool | None) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
 
 
 def _fit(prompt: list[int], answer: list[int], max_length: int | None) -> tuple[list[int], list[int]]:
@@ -97,10 +62,11 @@ def _fit(prompt: list[int], answer: list[int], max_length: int | None) -> tuple[
 class PromptAnswerCollator:
     """Data collator for the HF ``Trainer``: prompt + answer examples in, a training batch out.
 
-    Each example is a dict with text fields ``prompt_field`` and ``answer_field``, or already tokenized
-    as ``input_ids`` + ``labels`` (prompt labels -100). The batch holds ``input_ids``, ``labels`` (the
-    prompt and the padding as -100, so that the patched model finds where each answer starts),
-    ``position_ids`` and, unless packed, ``attention_mask``:
+    Each example is a dict with text fields ``prompt_field`` and ``answer_field`` (and ``context``, which
+    fills a ``{context}`` placeholder in the prompt), or already tokenized as ``input_ids`` + ``labels``
+    (prompt labels -100). The batch holds ``input_ids``, ``labels`` (the prompt and the padding as -100,
+    so that the patched model finds where each answer starts), ``position_ids`` and, unless packed,
+    ``attention_mask``:
 
     - padded (default): rows padded to the longest (``DataCollatorForSeq2Seq``) on the tokenizer's
       ``padding_side``; right padding is the usual choice for training, left works too.
@@ -110,8 +76,9 @@ class PromptAnswerCollator:
       ``attention_mask``; swaa keeps the packed sequences apart and finds each one's answer.
 
     The answer gets the tokenizer's EOS token appended (``add_eos``). With ``max_length``, examples
-    longer than that lose tokens from the middle of the prompt (see ``_fit``). ``chat_template``:
-    None uses the tokenizer's template when it has one.
+    longer than that lose tokens from the middle of the prompt (see ``_fit``). The prompt is built by
+    ``swaa.data.prompt_ids`` from ``chat_template`` (True, False, or "auto": the tokenizer's template when it
+    has one), ``system`` and ``chat_template_kwargs``, as ``swaa.eval`` builds it.
 
     Text fields must reach the collator: give the ``Trainer`` ``remove_unused_columns=False``.
     """
@@ -122,7 +89,8 @@ class PromptAnswerCollator:
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     add_eos: bool = True
-    chat_template: bool | None = None
+    chat_template: bool | str = "auto"
+    system: str | None = None
     chat_template_kwargs: dict | None = None
     pad_to_multiple_of: int | None = None
     _padder: DataCollatorForSeq2Seq = field(init=False, repr=False)
@@ -153,10 +121,9 @@ class PromptAnswerCollator:
                     f"example has no field {name!r} (fields: {sorted(example)}); set prompt_field/answer_field, and"
                     " give the Trainer remove_unused_columns=False so text fields reach the collator"
                 )
-        prompt = prompt_token_ids(
-            self.tokenizer, example[self.prompt_field],
-            chat_template=_uses_chat_template(self.tokenizer, self.chat_template),
-            chat_template_kwargs=self.chat_template_kwargs,
+        prompt = prompt_ids(
+            self.tokenizer, example[self.prompt_field], context=example.get("context"),
+            chat_template=self.chat_template, system=self.system, template_kwargs=self.chat_template_kwargs,
         )
         answer = self.tokenizer(example[self.answer_field], add_special_tokens=False)["input_ids"]
         if self.add_eos and self.tokenizer.eos_token_id is not None:
@@ -189,7 +156,8 @@ def self_distill(
     max_new_tokens: int = 1024,
     prompt_field: str = "prompt",
     answer_field: str = "answer",
-    chat_template: bool | None = None,
+    chat_template: bool | str = "auto",
+    system: str | None = None,
     chat_template_kwargs: dict | None = None,
     **generate_kwargs,
 ) -> list[dict]:
@@ -201,8 +169,7 @@ def self_distill(
     ``PromptAnswerCollator`` formats them, batched by length with left padding, and decoded without
     special tokens. The model must not be patched: the teacher is full attention.
     """
-    target = _transformers_model(model)
-    if is_patched(target):
+    if is_patched(model):
         raise ValueError(
             "self_distill generates the teacher's answers with the original full-attention model, and this model"
             " is patched by swaa: call swaa.unpatch_model(model) first"
@@ -210,13 +177,13 @@ def self_distill(
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer.pad_token_id=None: batched generation needs a pad token (e.g. the EOS token)")
     records = [{prompt_field: p} if isinstance(p, str) else dict(p) for p in prompts]
-    use_template = _uses_chat_template(tokenizer, chat_template)
     encoded = [
-        prompt_token_ids(tokenizer, r[prompt_field], chat_template=use_template, chat_template_kwargs=chat_template_kwargs)
+        prompt_ids(tokenizer, r[prompt_field], context=r.get("context"), chat_template=chat_template, system=system,
+                   template_kwargs=chat_template_kwargs)
         for r in records
     ]
     order = sorted(range(len(records)), key=lambda i: -len(encoded[i]))  # longest first: memory trouble shows early
-    device = target.device
+    device = model.device
     was_training = model.training
     model.eval()
     try:
@@ -233,7 +200,7 @@ def self_distill(
             answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
             for i, answer in zip(rows, answers):
                 records[i][answer_field] = answer
-            logger.info("swaa: self-distilled %d / %d prompts", min(start + batch_size, len(order)), len(order))
+            logger.info("self-distilled %d / %d prompts", min(start + batch_size, len(order)), len(order))
     finally:
         model.train(was_training)
     if output is not None:

@@ -1,4 +1,4 @@
-"""``python -m swaa.eval`` in a subprocess, on a tiny model and tokenizer saved with save_pretrained."""
+"""``python -m swaa.eval`` in a subprocess, on the tiny model folder ``python -m swaa.tiny`` writes."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from eval_tiny import tiny_lm, tiny_tokenizer
 
+from swaa import tiny
 from swaa.eval.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,10 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
+    """The folder of ``python -m swaa.tiny DIR`` (its entry point, in-process)."""
     path = tmp_path_factory.mktemp("tiny_model")
-    tokenizer = tiny_tokenizer()
-    tiny_lm(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    assert tiny.main([str(path)]) == 0
     return path
 
 
@@ -86,10 +85,10 @@ def test_importing_swaa_eval_leaves_matplotlib_and_tables_alone():
     (["--device", "cuda"], "no CUDA GPU"),
 ], ids=["configs", "task", "device"])
 def test_bad_arguments_are_reported_before_the_model_loads(argv, message, capsys, monkeypatch):
-    import swaa.eval.__main__ as cli
+    import swaa.eval.runner
 
     if "--device" in argv and torch.cuda.is_available():
         pytest.skip("checks a machine without CUDA")
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.setattr(swaa.eval.runner, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
     with pytest.raises(SystemExit, match=message):
-        cli.main(["--model", "/nonexistent", "--output", "/tmp/unused", "--synthetic", "needle", *argv])
+        main(["--model", "/nonexistent", "--output", "/tmp/unused", "--synthetic", "needle", *argv])

@@ -1,4 +1,5 @@
-"""swaa.eval.data: loaders, fields, chat template, length filter, the answer after </think>."""
+"""swaa.eval.data: the fields of an example, the length filter, the answer after </think> (loading and
+prompts: tests/test_data.py)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,8 @@ import csv
 import json
 
 import pytest
-from eval_tiny import tiny_tokenizer
 
-from swaa.eval.data import (
-    encode_prompt,
-    extract_answer,
-    filter_by_length,
-    format_prompt,
-    load_examples,
-)
+from swaa.eval.data import extract_answer, filter_by_length, to_examples
 
 RECORDS = [
     {"prompt": "Where is the key? {context}", "context": "The key is in the box.", "answer": "box",
@@ -29,7 +23,7 @@ def write_jsonl(path, records):
 
 
 def test_jsonl_loads_every_field(tmp_path):
-    examples = load_examples(write_jsonl(tmp_path / "data.jsonl", RECORDS))
+    examples = to_examples(write_jsonl(tmp_path / "data.jsonl", RECORDS))
     assert [e.answer for e in examples] == [["box"], ["red", "blue"]]
     assert examples[0].question == "Where is the key?" and examples[0].question_type == "single"
     assert examples[0].text == "Where is the key? The key is in the box."  # {context} filled in
@@ -43,7 +37,7 @@ def test_csv_loads_with_a_json_list_answer(tmp_path):
         writer.writeheader()
         writer.writerow({"prompt": "Q1", "answer": "42", "question_type": "num"})
         writer.writerow({"prompt": "Q2", "answer": '["red", "blue"]', "question_type": ""})
-    examples = load_examples(path)
+    examples = to_examples(path)
     assert [e.answer for e in examples] == [["42"], ["red", "blue"]]
     assert examples[0].question_type == "num" and examples[1].question_type is None
 
@@ -51,22 +45,7 @@ def test_csv_loads_with_a_json_list_answer(tmp_path):
 def test_json_list_and_in_memory_sources_agree(tmp_path):
     path = tmp_path / "data.json"
     path.write_text(json.dumps(RECORDS))
-    assert load_examples(path) == load_examples(RECORDS)
-
-
-def test_parquet_loads(tmp_path):
-    pyarrow = pytest.importorskip("pyarrow")
-    import pyarrow.parquet
-
-    path = tmp_path / "data.parquet"
-    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([{"prompt": "Q", "answer": "A"}]), path)
-    assert load_examples(path)[0].answer == ["A"]
-
-
-def test_datasets_dataset_loads():
-    datasets = pytest.importorskip("datasets")
-    examples = load_examples(datasets.Dataset.from_list([{"prompt": "Q", "answer": "A"}]))
-    assert examples[0].prompt == "Q"
+    assert to_examples(path) == to_examples(RECORDS)
 
 
 @pytest.mark.parametrize(
@@ -84,55 +63,12 @@ def test_datasets_dataset_loads():
 )
 def test_bad_examples_name_the_field(records, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("{", r"\{").replace("[", r"\[")):
-        load_examples(records)
+        to_examples(records)
 
 
 def test_missing_field_error_lists_what_is_allowed():
     with pytest.raises(ValueError, match=r"required fields: \['prompt', 'answer'\], optional: \['question'"):
-        load_examples([{"question": "Q", "answer": "A"}])
-
-
-def test_unknown_file_type_and_missing_file(tmp_path):
-    (tmp_path / "data.txt").write_text("x")
-    with pytest.raises(ValueError, match=r"unknown file type '.txt'; allowed: .jsonl, .json, .csv, .parquet"):
-        load_examples(tmp_path / "data.txt")
-    with pytest.raises(ValueError, match="no such file"):
-        load_examples(tmp_path / "absent.jsonl")
-
-
-def test_bad_jsonl_line_names_the_line(tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_text('{"prompt": "Q", "answer": "A"}\n{oops\n')
-    with pytest.raises(ValueError, match=r"data.jsonl:2: not valid JSON"):
-        load_examples(path)
-
-
-def test_chat_template_applied_when_the_tokenizer_has_one():
-    tokenizer = tiny_tokenizer()
-    assert format_prompt(tokenizer, "Hi") == "<|user|>Hi\n<|assistant|>"
-    assert format_prompt(tokenizer, "Hi", system="Be brief.") == "<|system|>Be brief.\n<|user|>Hi\n<|assistant|>"
-    assert format_prompt(tokenizer, "Hi", chat_template=False) == "Hi"
-
-
-def test_no_chat_template_gives_plain_text_or_a_clear_error():
-    tokenizer = tiny_tokenizer(chat_template=False)
-    assert format_prompt(tokenizer, "Hi") == "Hi"
-    with pytest.raises(ValueError, match="chat_template=True: this tokenizer has no chat template"):
-        format_prompt(tokenizer, "Hi", chat_template=True)
-    with pytest.raises(ValueError, match="chat_template='yes': must be True, False or 'auto'"):
-        format_prompt(tokenizer, "Hi", chat_template="yes")
-
-
-def test_template_kwargs_reach_the_template():
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = "{% if flag %}FLAG {% endif %}{{ messages[0]['content'] }}"
-    assert format_prompt(tokenizer, "Hi", template_kwargs={"flag": True}) == "FLAG Hi"
-
-
-def test_encoded_templated_prompt_is_the_template_tokens_only():
-    tokenizer = tiny_tokenizer()
-    ids = encode_prompt(tokenizer, format_prompt(tokenizer, "ab"))
-    assert tokenizer.convert_ids_to_tokens(ids)[0] == "<|user|>" and len(ids) == 1 + 2 + 1 + 1
+        to_examples([{"question": "Q", "answer": "A"}])
 
 
 def test_length_filter_bounds_are_inclusive():
@@ -161,5 +97,6 @@ def test_extract_answer_takes_text_after_last_think_end(output, expected):
 
 def test_context_the_model_would_not_see_is_warned_about(caplog):
     with caplog.at_level("WARNING", logger="swaa"):
-        load_examples([{"prompt": "Q?", "context": "Some document.", "answer": "A", "id": "x1"}])
+        to_examples([{"prompt": "Q?", "context": "Some document.", "answer": "A", "id": "x1"}])
     assert "first: id x1" in caplog.text and "will not see it" in caplog.text
+    assert not caplog.records[0].getMessage().startswith("swaa")  # the logger's name says it already

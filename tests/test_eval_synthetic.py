@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import pytest
-from eval_tiny import tiny_tokenizer
 
-from swaa.eval.data import encode_prompt, format_prompt, load_examples
+from swaa.data import prompt_ids
 from swaa.eval.synthetic import TASKS, synthetic_dataset, synthetic_example
+from swaa.tiny import tiny_tokenizer
 
 TOKENIZER = tiny_tokenizer()
 SENTENCE = 70  # longest filler sentence, in tokens of the byte tokenizer
 
 
 def prompt_tokens(record, chat_template="auto"):
-    example = load_examples([record])[0]
-    return len(encode_prompt(TOKENIZER, format_prompt(TOKENIZER, example.text, chat_template), chat_template))
+    return len(prompt_ids(TOKENIZER, record["prompt"], context=record["context"], chat_template=chat_template))
 
 
 @pytest.mark.parametrize("task", TASKS)

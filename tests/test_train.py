@@ -15,7 +15,7 @@ from tiny import VOCAB, left_padded, tiny_model
 from transformers import DataCollatorWithFlattening
 
 import swaa
-from swaa.train import IGNORE_INDEX, PromptAnswerCollator, load_examples, self_distill
+from swaa.train import IGNORE_INDEX, PromptAnswerCollator, self_distill
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = dict(window=3, sink=1, interleave=3)  # FA decode on: the answer boundary matters
@@ -127,13 +127,6 @@ def test_chat_template_is_applied_to_the_prompt_only():
     encoded = PromptAnswerCollator(tokenizer).encode({"prompt": "w3 w4", "answer": "w5"})
     assert encoded["input_ids"] == [50, 3, 4, 51, 52, 5, 1]
     assert encoded["labels"] == [-100] * 5 + [5, 1]
-
-
-def test_load_examples_reads_jsonl(tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_text('{"prompt": "a", "answer": "b"}\n\n{"prompt": "c", "answer": "d"}\n')
-    assert load_examples(path) == [{"prompt": "a", "answer": "b"}, {"prompt": "c", "answer": "d"}]
-    assert load_examples(str(path))[1]["answer"] == "d"
 
 
 # ------------------------------------------------------------------ generate equals teacher forcing
@@ -267,18 +260,59 @@ def test_self_distill_answers_greedily_in_batches_and_writes_jsonl(tmp_path):
 
 
 def test_finetune_example_tiny_lowers_the_loss_and_saves_adapter_and_config(tmp_path):
+    """--tiny with SWAA options (they win over its defaults) and TrainingArguments fields, dashes or not."""
     out = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", "finetune_lora.py"), "--tiny", "--output-dir", str(out),
-         "--max-steps", "6", "--num-examples", "40", "--eval-examples", "16", "--batch-size", "4"],
+         "--max_steps", "6", "--num-examples", "40", "--eval_examples", "16", "--per-device-train-batch-size", "4",
+         "--window", "32", "--sink", "2", "--interleave", "0", "--fa_decode", "1,3"],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     losses = json.loads((out / "losses.json").read_text())
-    assert losses["end"] < losses["start"], losses
+    assert losses["end"] < losses["start"] and losses["steps"] == 6, losses
     assert {"adapter_config.json", "adapter_model.safetensors", "swaa_config.json"} <= set(os.listdir(out))
-    assert swaa.SWAAConfig.from_json_file(out / "swaa_config.json").window == 64
+    saved = swaa.SWAAConfig.from_json_file(out / "swaa_config.json")
+    assert saved == swaa.SWAAConfig(window=32, sink=2, fa_decode=[1, 3])  # no interleave: --interleave 0
     assert "swaa.train.load_adapter" in result.stdout
+
+
+def finetune_script():
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import finetune_lora
+    finally:
+        sys.path.pop(0)
+    return finetune_lora
+
+
+def test_finetune_example_tiny_defaults_and_the_paper_recipe():
+    example = finetune_script()
+    script, rest = example.parse_args(["--tiny", "--output_dir", "/tmp/unused", "--sink", "8"])
+    assert example.swaa_config(script) == swaa.SWAAConfig(window=64, sink=8, interleave=2)
+    assert script.eval_examples == 32 and rest == ["--output_dir", "/tmp/unused"]
+    script, rest = example.parse_args(["--model", "m", "--data", "d", "--output_dir", "o", "--bf16"])
+    assert example.swaa_config(script) == swaa.SWAAConfig(window=2048, sink=100)
+    training = example.training_arguments(script, rest, processes=2, cuda=False, eval_set=False)
+    assert (training.learning_rate, training.per_device_train_batch_size, training.num_train_epochs) == (1e-4, 1, 1)
+    assert training.gradient_accumulation_steps == 32 and training.bf16  # effective batch 64 over 2 processes
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tiny", "--output_dir", "/tmp/unused", "--backend", "flash"], "backend='flash' cannot run on cpu"),
+    (["--model", "Qwen/Qwen3-4B", "--data", "x.jsonl", "--output_dir", "/tmp/unused"], "not a local folder"),
+    (["--tiny"], "--output_dir is needed"),
+    (["--tiny", "--output_dir", "/tmp/unused", "--windw", "8"], "unrecognized arguments: --windw 8"),
+    (["--tiny", "--output_dir", "/tmp/unused", "--fa_decode", "1,x"], "--fa_decode='1,x': must be a comma-separated"),
+], ids=["flash_on_cpu", "hub_id", "no_output_dir", "typo", "fa_decode"])
+def test_finetune_example_refuses_at_once_in_one_line(argv, message):
+    """Before any model loads (offline there is no hub: no minutes of retries), one line, no traceback."""
+    if "flash" in argv and torch.cuda.is_available():
+        pytest.skip("checks a machine without CUDA")
+    with pytest.raises(SystemExit) as exit:
+        finetune_script().main(argv)
+    text = str(exit.value)
+    assert message in text and "\n" not in text and text.startswith("finetune_lora.py: ")
 
 
 def test_train_speed_benchmark_smoke(tmp_path):
@@ -330,7 +364,8 @@ def test_finetune_example_runs_under_ddp_with_two_processes(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
          os.path.join(ROOT, "examples", "finetune_lora.py"), "--tiny", "--output-dir", str(out), "--max-steps", "2",
-         "--num-examples", "24", "--eval-examples", "8", "--batch-size", "2", "--gradient-checkpointing", "--packing"],
+         "--num-examples", "24", "--eval-examples", "8", "--per-device-train-batch-size", "2",
+         "--gradient-checkpointing", "--packing"],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -406,11 +441,3 @@ def test_the_fsdp2_config_file_is_one_accelerate_reads_as_fsdp2():
     assert str(config.distributed_type) == "DistributedType.FSDP" and config.num_processes == 2
     assert config.fsdp_config["fsdp_version"] == 2
     assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # the Trainer then saves a peft adapter
-
-
-def test_finetune_lora_refuses_a_hub_id_at_once():
-    """Offline there is no hub: the script says so at once instead of retrying for minutes."""
-    script = os.path.join(ROOT, "examples", "finetune_lora.py")
-    result = subprocess.run([sys.executable, script, "--model", "Qwen/Qwen3-4B", "--data", "x.jsonl", "--output-dir",
-                             "/tmp/unused"], capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "not a local folder" in result.stderr

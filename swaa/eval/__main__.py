@@ -4,6 +4,13 @@
         --configs '[{"window": 2048, "sink": 100, "interleave": 2}]' --output out/eval
     python -m swaa.eval --model ./Qwen3-4B --data longmemeval.jsonl --configs settings.json --output out/lme \\
         --max-new-tokens 4096 --max-tokens 32768
+
+    # on a CPU, offline: a tiny random model folder first (its accuracies are ~0: it shows the workflow)
+    python -m swaa.tiny ./tiny-model
+    python -m swaa.eval --model ./tiny-model --synthetic needle --length 512 --num 2 --configs '{"window": 64}' \\
+        --output /tmp/swaa-eval
+
+torch and transformers are imported after the arguments are read: ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -13,10 +20,7 @@ import json
 import logging
 import sys
 
-import torch
-
-from .configs import parse_configs
-from .runner import load_model, run_grid
+from ..config import load_config_list
 from .scoring import SCORERS
 from .synthetic import TASKS, synthetic_dataset
 
@@ -27,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Compare SWAA configs with full attention (always run, as the baseline): generate greedily,"
         " score, time; write results.csv, results.json, results.md, predictions.jsonl and accuracy_vs_time.png.",
     )
-    parser.add_argument("--model", required=True, help="local model folder (save_pretrained); loaded offline")
+    parser.add_argument("--model", required=True, help="local model folder (save_pretrained), loaded offline;"
+                        " `python -m swaa.tiny ./tiny-model` makes a tiny random one to try this on a CPU")
     parser.add_argument("--tokenizer", help="local tokenizer folder (default: the model's)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="dataset file: .jsonl, .json, .csv or .parquet with prompt, answer fields")
@@ -66,14 +71,18 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"swaa.eval: --template-kwargs / --length: {error}") from None
     chat_template = {"auto": "auto", "on": True, "off": False}[args.chat_template]
     try:  # everything that can be checked without the model, before loading it
-        parse_configs(args.configs)
+        load_config_list(args.configs)
         unknown = [task.strip() for task in (args.synthetic or "").split(",") if task.strip() and task.strip() not in TASKS]
         if unknown:
             raise ValueError(f"--synthetic: unknown task(s) {unknown}; available: {', '.join(TASKS)}")
+        import torch
+
         if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
     except (ValueError, TypeError, RuntimeError) as error:
         raise SystemExit(f"swaa.eval: {error}") from None
+    from .runner import load_model, run_grid
+
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
         if args.tokenizer:

@@ -1,5 +1,5 @@
-"""Evaluation examples: loading (jsonl, json, csv, parquet, lists of dicts, ``datasets.Dataset``), the chat
-template, the token-length filter, and the answer a model gave (the text after its last ``</think>``).
+"""Evaluation examples: their fields checked (``swaa.data`` loads them and builds their prompts, as for
+fine-tuning), the token-length filter, and the answer a model gave (the text after its last ``</think>``).
 
 Fields of one example: ``prompt`` (the text the model reads) and ``answer`` (a string, or a list of strings)
 are required; ``question``, ``question_type`` and ``context`` are optional. When ``prompt`` holds the
@@ -10,18 +10,17 @@ absent); ``question_type`` groups the accuracy table.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+from ..data import fill_context, load_examples
 
 logger = logging.getLogger("swaa")
 
 REQUIRED_FIELDS = ("prompt", "answer")
 OPTIONAL_FIELDS = ("question", "question_type", "context", "id")
-FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 THINK_END = "</think>"
 THINK_START = "<think>"
 
@@ -41,9 +40,7 @@ class Example:
     @property
     def text(self) -> str:
         """What the model reads before any chat template: the prompt, ``{context}`` filled in."""
-        if self.context is not None and "{context}" in self.prompt:
-            return self.prompt.replace("{context}", self.context)
-        return self.prompt
+        return fill_context(self.prompt, self.context)
 
 
 def _answer_list(value, where: str) -> list[str]:
@@ -85,122 +82,31 @@ def to_example(record, index: int = 0) -> Example:
     optional = {}
     for name in ("question", "question_type", "context"):
         value = record.get(name)
-        if value is not None and not (isinstance(value, float) and value != value):  # NaN: an empty CSV/parquet cell
+        if value is not None:
             optional[name] = str(value) if value != "" else None
     extra = {k: v for k, v in record.items() if k not in REQUIRED_FIELDS + OPTIONAL_FIELDS}
     return Example(
         prompt=record["prompt"],
         answer=_answer_list(record["answer"], where),
-        id=str(record.get("id", index)),
+        id=str(index if record.get("id") is None else record["id"]),  # a file's rows hold None for absent fields
         extra=extra,
         **optional,
     )
 
 
-def _read_jsonl(path) -> list:
-    records = []
-    with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-    return records
-
-
-def _read_parquet(path) -> list:
-    try:
-        import pyarrow.parquet
-    except ImportError:
-        pyarrow = None
-    if pyarrow is not None:
-        return pyarrow.parquet.read_table(path).to_pylist()
-    try:
-        import pandas
-    except ImportError:
-        raise ValueError(f"{path}: reading parquet needs pyarrow (pip install pyarrow); use jsonl or csv otherwise") from None
-    return pandas.read_parquet(path).to_dict("records")
-
-
-def read_records(path: str | os.PathLike) -> list:
-    """Records of a local file: .jsonl (one JSON object a line), .json (a list), .csv (header row), .parquet."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ValueError(f"dataset={path!r}: no such file")
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
-    if suffix == ".json":
-        with open(path, encoding="utf-8") as file:
-            data = json.load(file)
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: a .json dataset must hold a list of examples (or {{'data': [...]}})")
-        return data
-    if suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as file:
-            return list(csv.DictReader(file))
-    if suffix == ".parquet":
-        return _read_parquet(path)
-    raise ValueError(f"dataset={path!r}: unknown file type {suffix!r}; allowed: {', '.join(FILE_FORMATS)}")
-
-
-def load_examples(dataset) -> list[Example]:
-    """Examples from a path (see ``read_records``), a list of dicts or Examples, or a ``datasets.Dataset``."""
-    if isinstance(dataset, (str, os.PathLike)):
-        records = read_records(dataset)
-    elif isinstance(dataset, Mapping):
-        raise ValueError("dataset: got one dict; pass a list of examples (dicts with 'prompt' and 'answer')")
-    elif isinstance(dataset, Iterable):
-        records = list(dataset)  # a list, or a datasets.Dataset (iterates over dict rows)
-    else:
-        raise ValueError(
-            f"dataset: got {type(dataset).__name__}; allowed: a path ({', '.join(FILE_FORMATS)}),"
-            " a list of dicts, or a datasets.Dataset"
-        )
+def to_examples(dataset) -> list[Example]:
+    """Checked Examples from anything ``swaa.data.load_examples`` reads (a file, a list of dicts, a
+    ``datasets.Dataset``) or a list of Examples; errors name the example and the field."""
+    records = list(load_examples(dataset))
     if not records:
         raise ValueError("dataset is empty: it needs at least one example with 'prompt' and 'answer'")
     examples = [to_example(record, index) for index, record in enumerate(records)]
     unseen = [e.id for e in examples if e.context and "{context}" not in e.prompt and e.context not in e.prompt]
     if unseen:
         logger.warning(
-            "swaa.eval: %d example(s) (first: id %s) have a context that the prompt neither contains nor places"
+            "%d example(s) (first: id %s) have a context that the prompt neither contains nor places"
             " with {context}: the model will not see it", len(unseen), unseen[0])
     return examples
-
-
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def uses_chat_template(tokenizer, chat_template: bool | str = "auto") -> bool:
-    """Whether prompts go through the tokenizer's chat template: True, False, or "auto" (when it has one)."""
-    if chat_template not in (True, False, "auto"):
-        raise ValueError(f"chat_template={chat_template!r}: must be True, False or 'auto'")
-    if chat_template is True and not has_chat_template(tokenizer):
-        raise ValueError("chat_template=True: this tokenizer has no chat template; use 'auto' or False")
-    return has_chat_template(tokenizer) if chat_template == "auto" else chat_template
-
-
-def format_prompt(tokenizer, text: str, chat_template: bool | str = "auto", system: str | None = None,
-                  template_kwargs: dict | None = None) -> str:
-    """The string the model reads: ``text`` as one user turn through the tokenizer's chat template, with the
-    assistant's turn opened, when ``chat_template`` is True, or "auto" and the tokenizer has one; else ``text``.
-    ``template_kwargs`` go to ``apply_chat_template`` (e.g. ``{"enable_thinking": False}`` for Qwen3)."""
-    if not uses_chat_template(tokenizer, chat_template):
-        return text if system is None else f"{system}\n\n{text}"
-    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
-        {"role": "user", "content": text}
-    ]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(template_kwargs or {}))
-
-
-def encode_prompt(tokenizer, text: str, chat_template: bool | str = "auto") -> list[int]:
-    """Token ids of a formatted prompt: a chat template writes its own special tokens (BOS included), so
-    only plain text gets the tokenizer's."""
-    return tokenizer(text, add_special_tokens=not uses_chat_template(tokenizer, chat_template))["input_ids"]
 
 
 def filter_by_length(lengths: list[int], min_tokens: int | None = None, max_tokens: int | None = None) -> list[int]:

@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import load_config_list
+from ..data import prompt_ids
 from ..patch import is_patched, patch_model, unpatch_model
-from .configs import FULL_ATTENTION, config_name, parse_configs, with_baseline
-from .data import Example, encode_prompt, extract_answer, filter_by_length, format_prompt, load_examples
+from ..tables import markdown_table
+from .configs import FULL_ATTENTION, config_name, with_baseline
+from .data import Example, extract_answer, filter_by_length, to_examples
 from .scoring import DEFAULT_LENGTH_EDGES, accuracy_by, get_scorer, length_bin, scorer_name
 
 logger = logging.getLogger("swaa")
@@ -42,25 +45,25 @@ class GridResult:
         extra = ([f"type: {t}" for t in types] if len(types) > 1 else []) + (
             [f"len {b}" for b in bins] if len(bins) > 1 else [])
         header = ["config", "accuracy (%)", "n", "s / example", "new tokens / example"] + extra
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        rows = []
         for row in self.summary:
             name = row["config"]
-            cells = [name, f"{100 * row['accuracy']:.1f}", str(row["n"]), f"{row['seconds_per_example']:.3f}",
+            cells = [name, f"{100 * row['accuracy']:.1f}", row["n"], f"{row['seconds_per_example']:.3f}",
                      f"{row['new_tokens_per_example']:.1f}"]
             if len(types) > 1:
                 cells += [_percent(self.by_type[name].get(t)) for t in types]
             if len(bins) > 1:
                 cells += [_percent(self.by_length[name].get(b)) for b in bins]
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+            rows.append(cells)
+        return markdown_table(header, rows)
 
     def to_json(self) -> dict:
         return {"settings": self.settings, "summary": self.summary, "by_type": self.by_type,
                 "by_length": self.by_length, "records": self.records}
 
 
-def _percent(group: dict | None) -> str:
-    return "-" if group is None else f"{100 * group['accuracy']:.1f}"
+def _percent(group: dict | None) -> str | None:
+    return None if group is None else f"{100 * group['accuracy']:.1f}"
 
 
 def _bin_order(label: str) -> float:
@@ -104,8 +107,8 @@ class _Prepared:
 
 
 def _prepare(examples, tokenizer, chat_template, system, template_kwargs, min_tokens, max_tokens):
-    texts = [format_prompt(tokenizer, example.text, chat_template, system, template_kwargs) for example in examples]
-    ids = [encode_prompt(tokenizer, text, chat_template) for text in texts]
+    ids = [prompt_ids(tokenizer, example.prompt, context=example.context, chat_template=chat_template, system=system,
+                      template_kwargs=template_kwargs) for example in examples]
     keep = filter_by_length([len(row) for row in ids], min_tokens, max_tokens)
     if not keep:
         lengths = [len(row) for row in ids]
@@ -114,7 +117,7 @@ def _prepare(examples, tokenizer, chat_template, system, template_kwargs, min_to
             f" {min(lengths)} to {max(lengths)} tokens"
         )
     if len(keep) < len(ids):
-        logger.info("swaa.eval: %d of %d examples within the token limits", len(keep), len(ids))
+        logger.info("%d of %d examples within the token limits", len(keep), len(ids))
     return [_Prepared(examples[i], ids[i]) for i in keep]
 
 
@@ -125,54 +128,65 @@ def _new_token_count(row: list[int], stop_ids: set[int]) -> int:
     return len(row)
 
 
+def _batches(prepared: list[_Prepared], batch_size: int, tokenizer):
+    """(indices into ``prepared``, left-padded inputs) per batch; batches of similar lengths waste little on
+    padding (results go back to the dataset's order)."""
+    order = list(range(len(prepared)))
+    if batch_size > 1:
+        if tokenizer.pad_token_id is None:
+            raise ValueError(f"tokenizer.pad_token_id=None: batch_size={batch_size} needs a pad token (set"
+                             " tokenizer.pad_token, e.g. to the EOS token) or batch_size=1")
+        order.sort(key=lambda i: len(prepared[i].ids))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        inputs = tokenizer.pad({"input_ids": [prepared[i].ids for i in rows]}, padding=batch_size > 1,
+                               padding_side="left", return_tensors="pt")
+        yield rows, inputs
+
+
 def _generate_all(model, tokenizer, prepared, batch_size, generate_kwargs, name, progress, warmup):
-    """Greedy outputs (decoded text, new tokens, seconds) for each prepared example, in order. With
-    ``warmup``, one untimed call first takes one-time costs (kernel compilation, allocator) off the clock."""
+    """Greedy outputs (decoded text, new tokens, seconds) for each prepared example, in order, and the seconds
+    of the warm-up. With ``warmup``, the first batch is generated once untimed before the timed run: one-time
+    costs (kernels built or compiled for its shapes, the allocator's growth) are then off every config's clock,
+    the first config's too."""
     from tqdm import tqdm
 
     device = model.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pad_id = 0 if pad_id is None else pad_id
-    kwargs = {"do_sample": False, "num_beams": 1, "pad_token_id": pad_id, **generate_kwargs}
+    kwargs = {"do_sample": False, "num_beams": 1, "pad_token_id": 0 if pad_id is None else pad_id, **generate_kwargs}
     if model.generation_config.eos_token_id is None and tokenizer.eos_token_id is not None:
         kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
     eos = kwargs.get("eos_token_id", model.generation_config.eos_token_id)
     stop_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    special = [token for token in tokenizer.all_special_tokens]
-    # Batches of similar lengths waste little on padding; results go back to the dataset's order.
-    order = sorted(range(len(prepared)), key=lambda i: len(prepared[i].ids)) if batch_size > 1 else list(range(len(prepared)))
-    outputs: list = [None] * len(prepared)
+    special = list(tokenizer.all_special_tokens)
+    batches = list(_batches(prepared, batch_size, tokenizer))
+    warmup_seconds = None
     if warmup:
-        first = prepared[order[0]].ids
-        model.generate(input_ids=torch.tensor([first], device=device), attention_mask=torch.ones(
-            1, len(first), dtype=torch.long, device=device), **{**kwargs, "max_new_tokens": 2, "min_new_tokens": None})
+        began = time.perf_counter()
+        model.generate(**batches[0][1].to(device), **kwargs)
+        _synchronize(device)
+        warmup_seconds = time.perf_counter() - began
+    outputs: list = [None] * len(prepared)
     bar = tqdm(total=len(prepared), desc=name, disable=not progress, leave=False)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        width = max(len(prepared[i].ids) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            tokens = prepared[i].ids
-            ids[row, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
-            mask[row, width - len(tokens) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
+    for rows, inputs in batches:
+        inputs = inputs.to(device)
+        width = inputs["input_ids"].shape[1]
         _synchronize(device)
         began = time.perf_counter()
-        sequences = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        sequences = model.generate(**inputs, **kwargs)
         _synchronize(device)
-        seconds = (time.perf_counter() - began) / len(batch)
-        for row, i in enumerate(batch):
+        seconds = (time.perf_counter() - began) / len(rows)
+        for row, i in enumerate(rows):
             new = sequences[row, width:].tolist()
             used = _new_token_count(new, stop_ids)
             text = tokenizer.decode(new[:used], skip_special_tokens=False)
             outputs[i] = (text, extract_answer(text, special), used, seconds)
-        bar.update(len(batch))
+        bar.update(len(rows))
     bar.close()
-    return outputs
+    return outputs, warmup_seconds
 
 
-def _summarize(name, config, records) -> dict:
+def _summarize(name, config, records, warmup_seconds) -> dict:
     n = len(records)
     return {
         "config": name,
@@ -180,6 +194,7 @@ def _summarize(name, config, records) -> dict:
         "n": n,
         "seconds_per_example": sum(r["seconds"] for r in records) / n,
         "new_tokens_per_example": sum(r["new_tokens"] for r in records) / n,
+        "warmup_seconds": warmup_seconds,
         "swaa_config": None if config is None else config.to_dict(),
     }
 
@@ -204,9 +219,11 @@ def run_grid(model, tokenizer, dataset, configs, output_dir: str | os.PathLike |
             replaces it when given.
         max_new_tokens, batch_size, generate_kwargs: greedy generation settings (left padding in batches).
         min_tokens, max_tokens: keep examples whose formatted prompt has this many tokens.
-        chat_template, system, template_kwargs: how the prompt is formatted (see ``format_prompt``).
+        chat_template, system, template_kwargs: how the prompt is built (``swaa.data.prompt_ids``, as for
+            fine-tuning).
         length_edges: token counts that bound the length bins of the accuracy table.
-        warmup: one untimed generate per config before the timed ones.
+        warmup: generate the first batch once per config, untimed, before the timed run (its seconds are
+            reported apart as ``warmup_seconds``).
         progress, print_table, plot: tqdm bars, the markdown table on stdout, the PNG.
     Returns:
         a GridResult; with ``output_dir`` also results.csv, results.json, results.md, predictions.jsonl and
@@ -222,8 +239,8 @@ def run_grid(model, tokenizer, dataset, configs, output_dir: str | os.PathLike |
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive int")
     score = get_scorer(scorer, judge)
-    examples = load_examples(dataset)
-    grid = with_baseline(parse_configs(configs))
+    examples = to_examples(dataset)
+    grid = with_baseline(load_config_list(configs))
     if is_patched(model):
         raise ValueError("model is already patched by swaa: unpatch it (swaa.unpatch_model) so that the full"
                          " attention baseline is the original model")
@@ -241,8 +258,8 @@ def run_grid(model, tokenizer, dataset, configs, output_dir: str | os.PathLike |
             if config is not None:
                 patch_model(model, config)
             try:
-                outputs = _generate_all(model, tokenizer, prepared, batch_size, generate_kwargs, name, progress,
-                                         warmup)
+                outputs, warmup_seconds = _generate_all(model, tokenizer, prepared, batch_size, generate_kwargs,
+                                                        name, progress, warmup)
             finally:
                 if config is not None:
                     unpatch_model(model)
@@ -257,7 +274,7 @@ def run_grid(model, tokenizer, dataset, configs, output_dir: str | os.PathLike |
                     "new_tokens": used,
                 })
             records += rows
-            summary.append(_summarize(name, config, rows))
+            summary.append(_summarize(name, config, rows, warmup_seconds))
             by_type[name] = accuracy_by(rows, "question_type")
             by_length[name] = accuracy_by(rows, "length_bin")
     finally:
@@ -267,7 +284,7 @@ def run_grid(model, tokenizer, dataset, configs, output_dir: str | os.PathLike |
         "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
         "scorer": scorer_name(score), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
         "examples": len(prepared), "min_tokens": min_tokens, "max_tokens": max_tokens,
-        "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+        "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""), "warmup": warmup,
     }
     result = GridResult(summary, records, by_type, by_length, settings)
     if output_dir is not None:
@@ -307,7 +324,7 @@ def write_results(result: GridResult, output_dir: str | os.PathLike, plot: bool 
             title = f"{result.settings.get('model', '')}: {result.settings.get('examples')} examples"
             plot_accuracy_vs_time(result.summary, paths["plot"], title=title)
         except ImportError as error:
-            logger.warning("swaa.eval: no plot written (%s)", error)
+            logger.warning("no plot written (%s)", error)
             del paths["plot"]
     else:
         del paths["plot"]

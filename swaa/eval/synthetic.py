@@ -8,14 +8,15 @@ filler sentences are added around the facts until the prompt reaches the length.
 - ``variable_tracking``: a chain ``VAR A = 12345. VAR B = A. ...`` among distractor chains; name every
   variable that holds the value (the gold is a list; the substring scorer wants all of them).
 
-The examples are plain dicts with the fields of ``swaa.eval.data`` (``prompt`` holds ``{context}``).
+The examples are plain dicts with the fields of ``swaa.eval.data`` (``prompt`` holds ``{context}``); their
+lengths are counted on the prompt ``swaa.data.prompt_ids`` builds, as the grid and fine-tuning build it.
 """
 
 from __future__ import annotations
 
 import random
 
-from .data import encode_prompt, format_prompt
+from ..data import prompt_ids
 
 TASKS = ("needle", "multikey", "variable_tracking")
 
@@ -119,8 +120,9 @@ def synthetic_example(tokenizer, task: str = "needle", length: int = 4096, seed:
 
     def tokens_with(num_filler: int) -> tuple[int, str]:
         context = _context(random.Random(layout_seed), facts, num_filler)
-        text = format_prompt(tokenizer, prompt.replace("{context}", context), chat_template, None, template_kwargs)
-        return len(encode_prompt(tokenizer, text, chat_template)), context
+        ids = prompt_ids(tokenizer, prompt, context=context, chat_template=chat_template,
+                         template_kwargs=template_kwargs)
+        return len(ids), context
 
     # Grow the filler by estimates from the measured tokens per sentence, then step down to fit.
     base, context = tokens_with(0)
