@@ -3,10 +3,21 @@
     import swaa
     swaa.patch_model(model, window=2048, sink=100, interleave=2)
     model.generate(**inputs)
+
+The patch functions import torch and transformers on first use, not with the package: a command line
+tool built on swaa answers ``--help`` without loading them.
 """
 
 from .config import SWAAConfig
-from .patch import describe, get_config, is_patched, patch_model, patched, unpatch_model
 
-__all__ = ["SWAAConfig", "describe", "get_config", "is_patched", "patch_model", "patched", "unpatch_model"]
+_PATCH_NAMES = ("describe", "get_config", "is_patched", "patch_model", "patched", "unpatch_model")
+__all__ = ["SWAAConfig", *_PATCH_NAMES]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _PATCH_NAMES:
+        from . import patch
+
+        return getattr(patch, name)
+    raise AttributeError(f"module 'swaa' has no attribute {name!r}")
