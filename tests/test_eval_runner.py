@@ -147,6 +147,10 @@ def test_length_filter_and_bad_inputs(tokenizer):
         run_grid(model, tokenizer, [{"prompt": "x"}], [], progress=False)
     with pytest.raises(ValueError, match="config 0: window=0: must be"):
         run_grid(model, tokenizer, data, [{"window": 0}], progress=False)
+    no_pad = tiny_tokenizer()
+    no_pad.pad_token = None
+    with pytest.raises(ValueError, match="tokenizer.pad_token_id=None: batch_size=2 needs a pad token"):
+        run_grid(model, no_pad, data, [], batch_size=2, progress=False)
     swaa.patch_model(model, window=8)
     with pytest.raises(ValueError, match="model is already patched by swaa"):
         run_grid(model, tokenizer, data, [], progress=False)
@@ -179,3 +183,12 @@ def test_config_lists_from_every_source(tmp_path):
 def test_bad_configs_say_what_is_allowed(configs, message):
     with pytest.raises(ValueError, match=message):
         load_config_list(configs)
+
+
+def test_a_loaded_tokenizer_without_a_pad_token_pads_with_eos(tmp_path):
+    from swaa.eval.runner import load_tokenizer
+
+    saved = tiny_tokenizer()
+    saved.pad_token = None
+    saved.save_pretrained(tmp_path)
+    assert load_tokenizer(tmp_path).pad_token == "<eos>"

@@ -81,14 +81,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
     except (ValueError, TypeError, RuntimeError) as error:
         raise SystemExit(f"swaa.eval: {error}") from None
-    from .runner import load_model, run_grid
+    from .runner import load_model, load_tokenizer, run_grid
 
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
         if args.tokenizer:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+            tokenizer = load_tokenizer(args.tokenizer)
         if args.synthetic:
             tasks = [task.strip() for task in args.synthetic.split(",") if task.strip()]
             dataset = synthetic_dataset(tokenizer, tasks, lengths, args.num, args.seed, chat_template,

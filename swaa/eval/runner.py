@@ -80,17 +80,28 @@ def local_model_folder(path: str | os.PathLike) -> str:
     return path
 
 
+def load_tokenizer(path: str | os.PathLike):
+    """A tokenizer from a local folder; one without a pad token pads with its EOS token (batches are padded
+    by ``tokenizer.pad``, which needs one)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(local_model_folder(path), local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(path: str | os.PathLike, dtype: str = "auto", device: str | None = None, **kwargs):
-    """A causal LM and its tokenizer from a local folder (``from_pretrained``, never the network).
-    ``device``: "cpu", "cuda", ... or None for the GPU when there is one."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A causal LM and its tokenizer (``load_tokenizer``) from a local folder (``from_pretrained``, never the
+    network). ``device``: "cpu", "cuda", ... or None for the GPU when there is one."""
+    from transformers import AutoModelForCausalLM
 
     path = local_model_folder(path)
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype, None)
     if torch_dtype is None or (dtype != "auto" and not isinstance(torch_dtype, torch.dtype)):
         raise ValueError(f"dtype={dtype!r}: must be 'auto' or a torch dtype name such as 'bfloat16', 'float32'")
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = load_tokenizer(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
 
@@ -332,4 +343,4 @@ def write_results(result: GridResult, output_dir: str | os.PathLike, plot: bool 
     return paths
 
 
-__all__ = ["FULL_ATTENTION", "GridResult", "load_model", "run_grid", "write_results"]
+__all__ = ["FULL_ATTENTION", "GridResult", "load_model", "load_tokenizer", "run_grid", "write_results"]
