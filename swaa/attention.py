@@ -1,16 +1,20 @@
 """The attention function that every patched layer calls through transformers' ``AttentionInterface``.
 
-It looks up the layer's rule in the plan, takes the forward's layout (or, for a ring layer of swaa's cache,
-the layout of the keys that layer holds), picks a backend and runs it. The mask function registered beside
-it hands on the 2D padding mask and builds no mask: masks come from the layout, per layer.
+It looks up the layer's rule, takes the forward's plan over the keys that layer holds, picks a backend and
+runs it. The mask function registered beside it hands on the 2D padding mask and builds no mask: masks
+come from the plan, per layer. Both are registered under ``ATTENTION_NAME`` when this module is imported, so
+that a patched model unpickled in a new process finds them.
 """
 
 from __future__ import annotations
 
 import torch
 
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
 from . import backends
-from .layout import Layout
+from .plan import Plan
 from .rules import LayerRule
 
 ATTENTION_NAME = "swaa"
@@ -23,19 +27,17 @@ class SWAAContext:
 
     Deliberately not a dataclass, list or set: wrappers that map over a layer's forward arguments (FSDP2
     casting inputs to its mixed-precision dtype, DDP moving them) rebuild those, so each layer would get a
-    copy (its layout's float tensors cast, its calls recorded where the forward's check never looks). A plain
+    copy (its plan's tensors cast, its calls recorded where the forward's check never looks). A plain
     object is handed on as it is."""
 
-    __slots__ = ("rules", "backend", "layout", "need_weights", "layers_called", "cache")
+    __slots__ = ("rules", "backend", "plan", "need_weights", "layers_called")
 
-    def __init__(self, rules: tuple[LayerRule, ...], backend: str, layout: Layout, need_weights: bool = False,
-                 cache: object = None):
+    def __init__(self, rules: tuple[LayerRule, ...], backend: str, plan: Plan, need_weights: bool = False):
         self.rules = rules
         self.backend = backend
-        self.layout = layout
+        self.plan = plan
         self.need_weights = need_weights
         self.layers_called: set[int] = set()
-        self.cache = cache  # the forward's cache: swaa's caches say which keys a ring layer holds
 
 
 def swaa_attention(
@@ -53,8 +55,10 @@ def swaa_attention(
     context: SWAAContext | None = kwargs.get(CONTEXT_KWARG)
     if context is None:
         raise RuntimeError(
-            f"{type(module).__name__} called swaa's attention without swaa's context: this model does not pass"
-            " keyword arguments from its forward down to its attention, so swaa cannot patch it"
+            f"{type(module).__name__} called swaa's attention without swaa's context: the model was not patched by"
+            " swaa.patch_model (attn_implementation='swaa' alone does not patch a model: load it as usual and call"
+            " swaa.patch_model(model), which re-applies a saved config.swaa), or it does not pass keyword arguments"
+            " from its forward down to its attention"
         )
     for name, what in _UNSUPPORTED_KWARGS.items():
         if kwargs.get(name) is not None:
@@ -67,14 +71,10 @@ def swaa_attention(
             " key selection on top of the padding mask), which swaa cannot keep; this model cannot be patched"
         )
     layer = module.layer_idx
-    layout = context.layout
-    layout_for = getattr(context.cache, "layout_for", None)
-    if layout_for is not None:
-        layout = layout_for(layer) or layout
-    layout = layout.to(query.device)
-    expected = layout.key_pos.shape[1]
-    if key.shape[-2] > expected and getattr(context.cache, "is_compileable", False):
-        # a static cache hands every slot; this forward's layout covers the slots written so far
+    plan = context.plan.keys_of(layer).to(query.device)
+    expected = plan.kv_len
+    if key.shape[-2] > expected and plan.unwritten_tail:
+        # a static cache hands every slot; this forward's plan covers the slots written so far
         key, value = key[:, :, :expected], value[:, :, :expected]
     if key.shape[-2] != expected:
         raise RuntimeError(
@@ -82,14 +82,14 @@ def swaa_attention(
             " DynamicCache / StaticCache holding every token so far"
         )
     rule = context.rules[layer]
-    attend = backends.select(context.backend, query, value, rule, layout, context.need_weights)
+    attend = backends.select(context.backend, query, value, rule, plan, context.need_weights)
     context.layers_called.add(layer)
     return attend(
         query,
         key,
         value,
         rule=rule,
-        layout=layout,
+        plan=plan,
         scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
         dropout=dropout,
         need_weights=context.need_weights,
@@ -98,8 +98,12 @@ def swaa_attention(
 
 def padding_mask(*, attention_mask: torch.Tensor | None = None, kv_length: int = 0, **kwargs) -> torch.Tensor | None:
     """Mask function registered for swaa: builds no (batch, heads, q, kv) mask (swaa's masks come from the
-    layout) and hands on the 2D padding mask, padded with zeros to ``kv_length`` slots: a static cache's fixed
+    plan) and hands on the 2D padding mask, padded with zeros to ``kv_length`` slots: a static cache's fixed
     size, so that ``generate`` gives a compiled decode step a mask of one shape."""
     if attention_mask is None or attention_mask.dim() != 2:
         return attention_mask
     return torch.nn.functional.pad(attention_mask, (0, kv_length - attention_mask.shape[-1]))
+
+
+AttentionInterface.register(ATTENTION_NAME, swaa_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, padding_mask)

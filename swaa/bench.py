@@ -28,9 +28,8 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import swaa
 from swaa.backends import flash, flex, reference, sdpa
-from swaa.cache import is_bounded
-from swaa.layout import Layout
-from swaa.rules import LayerRule, layer_rules, window_start
+from swaa.plan import plan_forward
+from swaa.rules import LayerRule, forgets_old_keys, kept_keys, layer_rules, visible_pairs
 
 WINDOW, SINK = 2048, 100
 SWAA_CONFIGS = {
@@ -45,15 +44,6 @@ QWEN3_4B = dict(
 )
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
-
-
-def visible_pairs(length: int, window: int | None, sink: int) -> int:
-    """(query, key) pairs a causal prompt of ``length`` tokens keeps under window + sinks (None: full)."""
-    if window is None:
-        return length * (length + 1) // 2
-    rule = LayerRule(window, sink)
-    starts = (max(window_start(rule, i), 0) for i in range(length))
-    return sum(i - start + 1 + min(sink, start) for i, start in enumerate(starts))  # window + sinks before it
 
 
 def cuda_seconds(fn, repeat: int = 5, calls: int = 1) -> float:
@@ -88,7 +78,7 @@ def kernel_rows(lengths: list[int], heads: int = 32, kv_heads: int = 8, head_dim
         q = torch.randn(1, heads, length, head_dim, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, kv_heads, length, head_dim, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
-        layout = Layout.build(batch_size=1, q_len=length, past_len=0, device=torch.device("cuda"))
+        plan = plan_forward(batch_size=1, q_len=length, past_len=0, device=torch.device("cuda"))
         scaling = head_dim**-0.5
         cases = {
             "full causal, sdpa": (sdpa.attend, LayerRule(None)),
@@ -98,8 +88,8 @@ def kernel_rows(lengths: list[int], heads: int = 32, kv_heads: int = 8, head_dim
             f"window {WINDOW} + {SINK} sinks, flash": (flash.attend, LayerRule(WINDOW, SINK)),
         }
         for name, (attend, rule) in cases.items():
-            seconds = cuda_seconds(lambda: attend(q, k, v, rule=rule, layout=layout, scaling=scaling))
-            flops = 4 * head_dim * heads * visible_pairs(length, rule.window, rule.sink)
+            seconds = cuda_seconds(lambda: attend(q, k, v, rule=rule, plan=plan, scaling=scaling))
+            flops = 4 * head_dim * heads * visible_pairs(rule, length)
             rows.append(dict(length=length, kernel=name, ms=seconds * 1e3, tflops=flops / seconds / 1e12))
         rows += _decode_kernel_rows(q[:, :, -1:], k, v, copy_rate)
         del q, k, v
@@ -115,9 +105,10 @@ def _decode_kernel_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     length = key.shape[2]
     scaling = query.shape[-1] ** -0.5
     fa_decode = LayerRule(WINDOW, SINK, True)
-    written = Layout.build(batch_size=1, q_len=1, past_len=length - 1, device=query.device, prompt_end=length - 1)
-    static = Layout.build(batch_size=1, q_len=1, past_len=torch.tensor(length - 1, device=query.device),
-                          device=query.device, key_slots=2 * length, prompt_end=length - 1)
+    prompt_end = torch.tensor([[length - 1]], device=query.device)
+    written = plan_forward(batch_size=1, q_len=1, past_len=length - 1, device=query.device, generate=prompt_end)
+    static = plan_forward(batch_size=1, q_len=1, past_len=torch.tensor(length - 1, device=query.device),
+                          device=query.device, key_slots=2 * length, generate=prompt_end)
     slots = torch.cat([key, torch.zeros_like(key)], 2), torch.cat([value, torch.zeros_like(value)], 2)
     cases = {
         "decode, FA-decode layer, written cache, sdpa": (sdpa.attend, key, value, written),
@@ -126,8 +117,8 @@ def _decode_kernel_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     }
     read = 2 * key.numel() * key.element_size()
     rows = []
-    for name, (attend, keys, values, layout) in cases.items():
-        step = torch.compile(lambda: attend(query, keys, values, rule=fa_decode, layout=layout, scaling=scaling)[0])
+    for name, (attend, keys, values, plan) in cases.items():
+        step = torch.compile(lambda: attend(query, keys, values, rule=fa_decode, plan=plan, scaling=scaling)[0])
         seconds = cuda_seconds(step, 5, 36)
         rows.append(dict(length=length, kernel=name, ms=seconds * 1e3, us=seconds * 1e6,
                          read_floor_us=read / copy_rate * 1e6, copy_tb_s=copy_rate / 1e12))
@@ -220,7 +211,7 @@ def _floor_seconds(model, path: dict, context: int, copy_rate: float) -> float:
         seen = [context] * config.num_hidden_layers
     else:
         rules = layer_rules(swaa.SWAAConfig(window=WINDOW, sink=SINK, **path["fields"]), config.num_hidden_layers)
-        seen = [min(context, SINK + WINDOW) if is_bounded(rule) else context for rule in rules]
+        seen = [min(context, kept_keys(rule) + 1) if forgets_old_keys(rule) else context for rule in rules]
     return (weight_bytes + per_token * sum(seen)) / copy_rate
 
 

@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 
 BACKENDS = ("auto", "reference", "flash", "flex")
+MAX_TOKENS = 2**63 - 1  # positions are int64 tensors: a larger window or sink would wrap around inside torch
 
 # The authors' field names (their swaa_config.py) and ours; their defaults differ from ours.
 AUTHORS_FIELDS = {
@@ -74,10 +75,13 @@ class SWAAConfig:
             value = getattr(self, name)
             if _is_int(value):
                 object.__setattr__(self, name, int(value))
-        if not _is_int(self.window) or self.window < 1:
-            raise ValueError(f"window={self.window!r}: must be a positive int (keys seen by a query, itself included)")
-        if not _is_int(self.sink) or self.sink < 0:
-            raise ValueError(f"sink={self.sink!r}: must be an int >= 0")
+        if not _is_int(self.window) or not 1 <= self.window <= MAX_TOKENS:
+            raise ValueError(
+                f"window={self.window!r}: must be an int from 1 to 2**63 - 1 (keys seen by a query, itself included;"
+                " a window longer than every sequence sees everything)"
+            )
+        if not _is_int(self.sink) or not 0 <= self.sink <= MAX_TOKENS:
+            raise ValueError(f"sink={self.sink!r}: must be an int from 0 to 2**63 - 1")
         if self.interleave is not None and (not _is_int(self.interleave) or self.interleave < 1):
             raise ValueError(f"interleave={self.interleave!r}: must be None or a positive int")
         if not _is_int(self.interleave_offset) or self.interleave_offset < 0:

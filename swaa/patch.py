@@ -1,10 +1,11 @@
 """patch_model / unpatch_model: put the SWAA rule into a transformers model, in place, reversibly.
 
 What a patch does to one model instance, and unpatch undoes:
-- its configs' ``_attn_implementation`` becomes "swaa" (registered with transformers' AttentionInterface);
-- a forward pre-hook on the decoder builds the call's layout and passes it to every layer as a kwarg;
-- ``generate`` is wrapped so that the tokens handed to it count as prompt, the rest as generated, and the
-  cache ``generate`` makes (dynamic or static) is swaa's, which records that boundary per call;
+- its configs' attention implementation becomes "swaa" (registered with transformers' AttentionInterface);
+- a forward pre-hook on the decoder builds the call's plan (``plan.plan_forward``) and passes it to every
+  layer as a kwarg; a pre-hook on a language-model head passes its token labels down to it;
+- the generation methods of ``generation.INSTALLED`` go on the instance: swaa's caches, the prompt boundary,
+  and refusals of what would silently drop the patch (switching attention, continuous batching);
 - ``model.config.swaa`` holds the config, so ``save_pretrained`` keeps it.
 Weights are never touched.
 """
@@ -12,64 +13,42 @@ Weights are never touched.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import copy
 import dataclasses
 import functools
 import inspect
 import logging
-import re
-import types
 import warnings
-from collections.abc import Mapping
 
 import torch
-from transformers import AttentionInterface, DynamicCache, GenerationConfig, PretrainedConfig, PreTrainedModel
-from transformers.generation.configuration_utils import GenerationMode
-from transformers.masking_utils import AttentionMaskInterface
+from transformers import PretrainedConfig, PreTrainedModel
 
-from . import backends
-from .attention import ATTENTION_NAME, CONTEXT_KWARG, SWAAContext, padding_mask, swaa_attention
-from .cache import (
-    SWAACache,
-    SWAAStaticCache,
-    cache_argument,
-    cache_kwarg,
-    check_cache,
-    clear_prompt_end,
-    key_slots,
-    new_cache,
-    prompt_end,
-    set_cache_argument,
-    set_prompt_end,
-)
+from . import backends, compat
+from .attention import ATTENTION_NAME, CONTEXT_KWARG, SWAAContext
+from .caches import SWAACache, SWAAStaticCache, check_cache, new_cache, static_key_slots
 from .config import SWAAConfig
-from .layout import Layout
+from .generation import INSTALLED, InstanceMethod
+from .plan import GENERATE_KWARG, PROMPT_LEN_KWARG, plan_forward
 from .rules import LayerRule, describe_rules, layer_rules
 
 logger = logging.getLogger("swaa")
 
-PROMPT_LEN_KWARG = "prompt_len"
-# Inside a generate call (this thread's, this task's): the cache index where generated tokens start, from the
-# generate wrapper to the cache that call makes. A context variable, so concurrent calls never see each other's.
-_GENERATE_PROMPT_END = contextvars.ContextVar("swaa_generate_prompt_end", default=None)
-CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")  # what swaa's caches honour exactly
-# The generation methods swaa puts on a patched instance (bound to it, so a deep copy binds them to the copy).
-_METHODS = ("generate", "_prepare_cache_for_generation", "_prepare_static_cache")
-LABELS_KWARG = "swaa_labels"  # labels handed from the LM head's forward down to the decoder's hook
+LABELS_KWARG = "swaa_labels"  # token labels handed from the LM head's forward down to the decoder's hook
 _STATE = "_swaa_patch"
 ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}  # swaa replaces all three
 
 
 @dataclasses.dataclass
-class _PatchState:
+class PatchState:
     """Everything a patch added to one model, so that unpatch can take it away again."""
 
     config: SWAAConfig
     rules: tuple[LayerRule, ...]
-    hooks: list
-    own_configs: list  # (module, its config before the patch): the patch gives the model configs of its own
-    cache_kwarg: str  # the name under which the decoder's forward takes its cache
+    generates: bool  # a language model: its labels are token labels, and it may produce generated tokens
+    hooks: list = dataclasses.field(default_factory=list)
+    own_configs: list = dataclasses.field(default_factory=list)  # (module, its config before the patch)
+    methods: list = dataclasses.field(default_factory=list)  # (module, name) of each installed method
+    cache_kwarg: str = compat.CACHE_KWARG  # the name under which the decoder's forward takes its cache
 
 
 def _transformers_model(model) -> PreTrainedModel:
@@ -90,13 +69,19 @@ def _check_supported(model: PreTrainedModel) -> int:
         raise ValueError(f"{name} is an encoder-decoder model; swaa patches decoder-only language models")
     if config.get_text_config() is not config:
         raise ValueError(f"{name} is a multimodal model; swaa patches text decoder models only")
-    if not (model._supports_attention_backend and model._can_set_attn_implementation()):
+    if not compat.supports_attention_interface(model):
         raise ValueError(
             f"{name} ({config.model_type}) does not compute attention through transformers' AttentionInterface,"
             " so swaa cannot replace it"
         )
     num_layers = getattr(config, "num_hidden_layers", None)
     attention_modules = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    cross = sorted({m.layer_idx for m in attention_modules if compat.attends_to_other_states(type(m))})
+    if cross:
+        raise ValueError(
+            f"{name} has cross-attention layers {cross}: their keys are not the text's own tokens (an image's or an"
+            " encoder's states), and swaa's rule is defined over the text's positions; swaa cannot patch it"
+        )
     attention_layers = {module.layer_idx for module in attention_modules}
     if not num_layers or attention_layers != set(range(num_layers)):
         raise ValueError(
@@ -104,13 +89,13 @@ def _check_supported(model: PreTrainedModel) -> int:
             f" num_hidden_layers={num_layers}; swaa cannot tell which layer is which"
         )
     layers = [m for m in model.modules() if any(child in attention_modules for child in m.children())]
-    dropping = next((type(m).__name__ for m in [*layers, *attention_modules] if _drops_kwargs(type(m))), None)
+    dropping = next((type(m).__name__ for m in [*layers, *attention_modules] if compat.drops_kwargs(type(m))), None)
     if dropping:
         raise ValueError(
             f"{name}: {dropping}.forward does not hand its keyword arguments on, so swaa's per-call context"
             " (positions, padding, prompt boundary) cannot reach its attention"
         )
-    own_mask = next((type(m).__name__ for m in attention_modules if _makes_its_own_mask(type(m))), None)
+    own_mask = next((type(m).__name__ for m in attention_modules if compat.makes_its_own_mask(type(m))), None)
     if own_mask:
         raise ValueError(
             f"{name}: {own_mask} hands attention a mask it builds itself (a learned bias or a key selection),"
@@ -125,7 +110,7 @@ def _check_supported(model: PreTrainedModel) -> int:
             f"{name} has layers of type {other_layers}, which swaa's rules do not cover: linear attention and"
             " convolutions keep a state swaa's caches do not hold, sparse-attention indexers choose keys themselves"
         )
-    if not getattr(type(model), "_supports_default_dynamic_cache", lambda: True)():
+    if not compat.supports_default_dynamic_cache(model):
         raise ValueError(f"{name} keeps a cache of its own, which swaa's caches cannot stand in for")
     if getattr(config, "attn_logit_softcapping", None) is not None:
         raise ValueError(
@@ -136,34 +121,6 @@ def _check_supported(model: PreTrainedModel) -> int:
     if learned_sinks:
         raise ValueError(f"{name} has learned attention sinks ({learned_sinks[0]}), which swaa does not implement")
     return num_layers
-
-
-@functools.cache
-def _forward_source(module_type: type) -> str | None:
-    """The source of ``module_type.forward``, or None where there is none to read (built at run time)."""
-    try:
-        return inspect.getsource(module_type.forward)
-    except (OSError, TypeError):
-        return None
-
-
-def _drops_kwargs(module_type: type) -> bool:
-    """Whether ``module_type.forward`` takes no ``**kwargs`` or never passes them to a call (read from its
-    source: a layer that drops them would run attention without swaa's context)."""
-    var_keyword = next((p.name for p in inspect.signature(module_type.forward).parameters.values()
-                        if p.kind is inspect.Parameter.VAR_KEYWORD), None)
-    if var_keyword is None:
-        return True
-    source = _forward_source(module_type)  # without a source, assume it hands them on
-    return source is not None and source.count(f"**{var_keyword}") < 2  # the signature's, and a call's
-
-
-def _makes_its_own_mask(module_type: type) -> bool:
-    """Whether ``module_type.forward`` hands the attention function a mask other than the ``attention_mask`` it
-    was given (read from its source, as Doge's dynamic mask: ``attention_interface(..., attention_mask=attn_mask)``)."""
-    calls = re.findall(r"attention_interface\((.*?)\)\n", _forward_source(module_type) or "", flags=re.S)
-    return any(argument != "attention_mask" for call in calls
-               for argument in re.findall(r"attention_mask\s*=\s*(\w+)", call))
 
 
 def _decoder(model: PreTrainedModel) -> torch.nn.Module:
@@ -185,7 +142,7 @@ def _resolve_config(model: PreTrainedModel, config, fields: dict) -> SWAAConfig:
                 "patch_model(model) with no config re-applies the config saved in model.config.swaa, and this"
                 " model has none: pass fields (window=2048, sink=100, interleave=2) or a SWAAConfig"
             )
-        logger.info("swaa: re-applying the config saved in model.config.swaa")
+        logger.info("re-applying the config saved in model.config.swaa")
         config = saved
     if config is None:
         return SWAAConfig.from_dict(fields)
@@ -214,24 +171,25 @@ def patch_model(model, config: SWAAConfig | dict | None = None, **fields):
     if previous is not None:
         unpatch_model(target)
 
-    AttentionInterface.register(ATTENTION_NAME, swaa_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, padding_mask)
-    state = _PatchState(config=config, rules=rules, hooks=[], own_configs=_own_configs(target),
-                        cache_kwarg=cache_kwarg(decoder.forward))
-    for model_config in {id(m.config): m.config for m in target.modules() if isinstance(m, PreTrainedModel)}.values():
-        model_config._attn_implementation_internal = ATTENTION_NAME
-    if decoder is not target:
+    state = PatchState(config=config, rules=rules, generates=target.can_generate(), own_configs=_own_configs(target),
+                       cache_kwarg=compat.cache_kwarg(decoder.forward))
+    models = [m for m in target.modules() if isinstance(m, PreTrainedModel)]
+    for model_config in {id(m.config): m.config for m in models}.values():
+        compat.set_attention_implementation(model_config, ATTENTION_NAME)
+    if decoder is not target and state.generates:
         state.hooks.append(target.register_forward_pre_hook(_pass_labels_down, with_kwargs=True))
     state.hooks.append(
         decoder.register_forward_pre_hook(functools.partial(_before_forward, state), with_kwargs=True)
     )
     state.hooks.append(decoder.register_forward_hook(functools.partial(_after_forward, state), with_kwargs=True))
-    if hasattr(target, "generate"):
-        for name, method in zip(_METHODS, (_generate, _prepare_cache_for_generation, _prepare_static_cache)):
-            setattr(target, name, types.MethodType(method, target))
+    for module in models:
+        for name, function in INSTALLED.items():
+            if hasattr(module, name) and (module is target or not name.startswith("_")):
+                setattr(module, name, InstanceMethod(function, module, state))
+                state.methods.append((module, name))
     target.config.swaa = config.to_dict()
     setattr(target, _STATE, state)
-    logger.info("swaa: patched %s (%d layers)\n%s", type(target).__name__, num_layers, describe_rules(rules))
+    logger.info("patched %s (%d layers)\n%s", type(target).__name__, num_layers, describe_rules(rules))
     return model
 
 
@@ -250,17 +208,17 @@ def _own_configs(model: PreTrainedModel) -> list:
 
 
 def unpatch_model(model):
-    """Give ``model`` back its original attention, config and generate; returns ``model``."""
+    """Give ``model`` back its original attention, config and methods; returns ``model``."""
     target = _transformers_model(model)
-    state: _PatchState | None = getattr(target, _STATE, None)
+    state: PatchState | None = getattr(target, _STATE, None)
     if state is None:
         raise ValueError(f"{type(target).__name__} is not patched by swaa; nothing to unpatch")
     for hook in state.hooks:
         hook.remove()
     for module, original in state.own_configs:
         module.config = original
-    for name in _METHODS:
-        target.__dict__.pop(name, None)
+    for module, name in state.methods:
+        module.__dict__.pop(name, None)
     delattr(target, _STATE)
     return model
 
@@ -298,97 +256,23 @@ def describe(model) -> str:
     return describe_rules(state.rules)
 
 
-def _prompt_end(args: tuple, kwargs: dict) -> int:
-    """Length, in cache positions, of the prompt handed to generate (cached prefix included)."""
-    mask = kwargs.get("attention_mask")
-    if mask is not None:
-        return mask.shape[-1]
-    for tokens in (args[0] if args else None, kwargs.get("inputs"), kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
-        if tokens is not None:
-            return tokens.shape[1]
-    return 1  # generate starts from a single BOS token
-
-
-def _generate(model: PreTrainedModel, *args, **kwargs):
-    """``generate`` of a patched model: the tokens handed in are prompt, the ones it produces are generated.
-    The boundary goes to the cache ``generate`` uses (see ``_prepare_cache_for_generation``), never onto the
-    model, so concurrent calls and copies of the model each keep their own."""
-    config = kwargs.get("generation_config") or model.generation_config
-    implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
-    if implementation not in CACHE_IMPLEMENTATIONS:
-        raise ValueError(
-            f"cache_implementation={implementation!r}: swaa runs exactly on {CACHE_IMPLEMENTATIONS[1:]} (or None,"
-            " the default dynamic cache); offloaded, quantized, paged and model-specific caches are not supported"
-        )
-    token = _GENERATE_PROMPT_END.set(_prompt_end(args, kwargs))
-    output = None
-    try:
-        output = type(model).generate(model, *args, **kwargs)
-        return output
-    finally:
-        _GENERATE_PROMPT_END.reset(token)
-        for cache in (cache_argument(kwargs), cache_argument(output) if isinstance(output, Mapping) else None):
-            if cache is not None:
-                clear_prompt_end(cache)  # later bare forwards on a returned cache follow the bare-forward rule
-
-
-def _prepare_cache_for_generation(model: PreTrainedModel, generation_config: GenerationConfig, model_kwargs: dict,
-                                  generation_mode, *args):
-    """transformers makes the cache for ``generate`` here: make it swaa's, and record the prompt boundary on it.
-    A dynamic cache is swaa's (bounded where exact; never for assisted decoding, which rolls it back); a
-    static one comes from ``_prepare_static_cache``; one passed by the user is checked."""
-    boundary = _GENERATE_PROMPT_END.get()
-    type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, generation_mode, *args)
-    cache = cache_argument(model_kwargs)
-    if cache is None:  # use_cache=False: each forward reads the whole sequence; say where answers start
-        mask = model_kwargs.get("attention_mask")
-        model_kwargs[PROMPT_LEN_KWARG] = boundary if mask is None else mask[:, :boundary].sum(-1)
-        return
-    if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-        state: _PatchState = getattr(model, _STATE)
-        rolls_back = generation_mode == GenerationMode.ASSISTED_GENERATION or getattr(
-            generation_config, "is_assistant", False)
-        cache = new_cache(state.rules, state.config.bounded_cache and not rolls_back)
-        set_cache_argument(model_kwargs, cache)
-    check_cache(cache)
-    if boundary is not None:
-        set_prompt_end(cache, boundary, model.device)
-
-
-def _prepare_static_cache(model: PreTrainedModel, cache_implementation: str, batch_size: int, max_cache_len: int,
-                          prefill_chunk_size: int | None, model_kwargs: dict):
-    """``cache_implementation="static"``: swaa's static cache, sized as transformers sizes its own (at least the
-    largest size asked for so far, so that a compiled step is reused across calls)."""
-    state: _PatchState = getattr(model, _STATE)
-    max_cache_len = max(max_cache_len, getattr(model, "_previous_max_cache_length", -1))
-    model._previous_max_cache_length = max_cache_len
-    cache = SWAAStaticCache(state.rules, max_cache_len, state.config.bounded_cache)
-    if prefill_chunk_size is not None and (shape := model._get_static_cache_init_shape()) is not None:
-        cache.early_initialization(batch_size, *shape, model.dtype, model.device)  # chunks may run compiled
-    return cache
-
-
 def _pass_labels_down(model: torch.nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook on the LM head model: its labels tell the decoder where answers start."""
+    """Forward pre-hook on a language-model head: its token labels tell the decoder where answers start."""
     if kwargs.get("labels") is not None:
         kwargs[LABELS_KWARG] = kwargs["labels"]
     return args, kwargs
 
 
-def _before_forward(state: _PatchState, decoder: torch.nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook on the decoder: build this call's layout and hand it to every layer."""
-    if args:
-        bound = inspect.signature(decoder.forward).bind_partial(*args, **kwargs).arguments
-        kwargs = {**{k: v for k, v in bound.items() if k != "kwargs"}, **bound.get("kwargs", {})}
-    tokens = kwargs.get("input_ids")
-    if tokens is None:
-        tokens = kwargs.get("inputs_embeds")
-    batch_size, q_len = tokens.shape[:2]
-    past = cache_argument(kwargs)
-    use_cache = kwargs.get("use_cache")
-    if past is not None:
-        check_cache(past)
-    attention_mask = kwargs.get("attention_mask")
+def _forward_kwargs(decoder: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The decoder's forward arguments, all by name."""
+    if not args:
+        return kwargs
+    bound = inspect.signature(decoder.forward).bind_partial(*args, **kwargs).arguments
+    return {**{k: v for k, v in bound.items() if k != "kwargs"}, **bound.get("kwargs", {})}
+
+
+def _padding_mask(attention_mask):
+    """The 2D padding mask of a forward, or None; anything else (a prepared 4D mask) cannot be read exactly."""
     if isinstance(attention_mask, dict) and all(m is None or m.dim() == 2 for m in attention_mask.values()):
         # generate's masks per layer type: each is the one 2D padding mask, handed on by swaa's mask function
         attention_mask = next(iter(attention_mask.values()), None)
@@ -397,48 +281,83 @@ def _before_forward(state: _PatchState, decoder: torch.nn.Module, args: tuple, k
             "swaa builds its own masks from a 2D padding mask (batch, tokens); got a prepared"
             f" {type(attention_mask).__name__} attention_mask"
         )
-    prompt_len, labels = kwargs.pop(PROMPT_LEN_KWARG, None), kwargs.pop(LABELS_KWARG, None)
-    boundary = prompt_end(past)
-    decoding = [layer for layer, rule in enumerate(state.rules) if rule.fa_decode]
-    if decoder.training and decoding and labels is not None and prompt_len is None and bool((labels != -100).all()):
-        warnings.warn(
-            f"swaa: labels with no -100 mark every token as an answer, so the FA-decode layers {decoding} attend"
-            " to every earlier token everywhere (full attention); mask the prompt as -100 to train the SWAA"
-            " pattern", stacklevel=2,
+    return attention_mask
+
+
+def _check_still_swaa(decoder: torch.nn.Module) -> None:
+    implementation = decoder.config._attn_implementation
+    if implementation != ATTENTION_NAME:
+        raise ValueError(
+            f"{type(decoder).__name__}'s attention implementation was switched to {implementation!r} after swaa"
+            " patched it; call swaa.unpatch_model(model) first to change it (or patch the model again)"
         )
-    if decoder.training and boundary is None and prompt_len is None and labels is None:
-        if decoding:
-            raise ValueError(
-                f"training with fa_decode (layers {decoding}) needs to know where each answer starts: pass labels"
-                " with the prompt masked as -100, or prompt_len=<real prompt tokens per row>"
-            )
+
+
+def _before_forward(state: PatchState, decoder: torch.nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook on the decoder: build this call's plan and hand it to every layer."""
+    kwargs = _forward_kwargs(decoder, args, kwargs)
+    _check_still_swaa(decoder)
+    tokens = kwargs.get("input_ids")
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    batch_size, q_len = tokens.shape[:2]
+    past = compat.cache_argument(kwargs)
+    use_cache = kwargs.get("use_cache")
+    if past is not None:
+        check_cache(past)
+    generate = kwargs.pop(GENERATE_KWARG, None)
+    prompt_len, labels = kwargs.pop(PROMPT_LEN_KWARG, None), kwargs.pop(LABELS_KWARG, None)
+    if generate is None and (past is not None or use_cache is False) and not torch.compiler.is_compiling() \
+            and compat.inside_generation():
+        raise ValueError(
+            f"{type(decoder).__name__} is patched by swaa but runs inside a generate that swaa does not control (the"
+            " generate of a model around the patched one), so swaa cannot tell where the prompt ends: patch the"
+            " model whose generate you call"
+        )
+    _check_training_boundary(state, decoder, generate, labels, prompt_len)
+    attention_mask = _padding_mask(kwargs.get("attention_mask"))
     past_len = past.get_seq_length() if past is not None else 0
-    slots = key_slots(past, past_len)
+    slots = static_key_slots(past, past_len)
     if slots is None and attention_mask is not None and attention_mask.shape[1] > past_len + q_len:
         attention_mask = attention_mask[:, : past_len + q_len]  # a fresh static cache: generate padded the mask
-    layout = Layout.build(
-        batch_size=batch_size,
-        q_len=q_len,
-        past_len=past_len,
-        device=tokens.device,
-        key_slots=slots,
-        attention_mask=attention_mask,
-        position_ids=kwargs.get("position_ids"),
-        prompt_end=boundary,
-        prompt_len=prompt_len,
-        labels=labels,
+    plan = plan_forward(
+        batch_size=batch_size, q_len=q_len, past_len=past_len, device=tokens.device, key_slots=slots,
+        attention_mask=attention_mask, position_ids=kwargs.get("position_ids"), generate=generate,
+        labels=labels, prompt_len=prompt_len,
+        from_embeddings=kwargs.get("input_ids") is None, static_cache=past is not None and past.is_compileable,
     )
     if past is None and not decoder.training and (decoder.config.use_cache if use_cache is None else use_cache):
-        past = new_cache(state.rules, state.config.bounded_cache and layout.query_seq is None)
-        set_cache_argument(kwargs, past, state.cache_kwarg)
+        if plan.query_seq is not None:
+            kwargs["use_cache"] = False  # packed rows: a cache holds one sequence per row
+        else:
+            past = new_cache(state.rules, state.config.bounded_cache)
+            compat.set_cache_argument(kwargs, past, state.cache_kwarg)
     if isinstance(past, (SWAACache, SWAAStaticCache)):
-        past.begin_forward(layout)  # its ring layers keep what later queries can see, by position
+        plan = past.begin_forward(plan)  # its ring layers keep what later queries can see, by position
     need_weights = bool(kwargs.get("output_attentions") or decoder.config.output_attentions)
-    kwargs[CONTEXT_KWARG] = SWAAContext(state.rules, state.config.backend, layout, need_weights, cache=past)
+    kwargs[CONTEXT_KWARG] = SWAAContext(state.rules, state.config.backend, plan, need_weights)
     return (), kwargs
 
 
-def _after_forward(state: _PatchState, decoder: torch.nn.Module, args: tuple, kwargs: dict, output):
+def _check_training_boundary(state: PatchState, decoder, generate, labels, prompt_len) -> None:
+    """Training a language model with FA decode needs each answer's start: labels or prompt_len, never a guess."""
+    decoding = [layer for layer, rule in enumerate(state.rules) if rule.fa_decode]
+    if not (decoder.training and decoding and state.generates and generate is None):
+        return
+    if labels is not None and prompt_len is None and isinstance(labels, torch.Tensor) and bool((labels != -100).all()):
+        warnings.warn(
+            f"swaa: labels with no -100 mark every token as an answer, so the FA-decode layers {decoding} attend"
+            " to every earlier token everywhere (full attention); mask the prompt as -100 to train the SWAA"
+            " pattern", stacklevel=3,
+        )
+    if labels is None and prompt_len is None:
+        raise ValueError(
+            f"training with fa_decode (layers {decoding}) needs to know where each answer starts: pass labels"
+            " with the prompt masked as -100, or prompt_len=<real prompt tokens per row>"
+        )
+
+
+def _after_forward(state: PatchState, decoder: torch.nn.Module, args: tuple, kwargs: dict, output):
     """Forward hook: every layer must have gone through swaa's attention, or the pattern was not applied."""
     missing = set(range(len(state.rules))) - kwargs[CONTEXT_KWARG].layers_called
     if missing:

@@ -1,14 +1,18 @@
 """The SWAA rule, written once: which layers keep full attention, and which key a query may see.
 
-Every backend derives its mask from ``visible``: the dense reference mask, FlexAttention's mask_mod, the
-split of a batch into windowed and full FA2 calls, the keys a bounded cache keeps. ``window_start`` is the one
-place that says where a window begins. See ``docs/rules.md`` for the rule table.
+``visible`` is the rule itself, element by element; the dense reference mask and FlexAttention's mask_mod
+are that predicate. The coarser questions the fast paths and the caches ask are answered here too, from
+the same two quantities (``window_start`` and ``rule.sink``): does a query see its whole prefix
+(``sees_whole_prefix``), does a span of keys lie wholly in reach (``keys_in_reach``), may a layer forget old
+keys (``forgets_old_keys``), which keys must it keep (``kept_keys``, ``still_visible``, ``ring_slot``), how
+many pairs a prompt keeps (``visible_pairs``). No other module does window or sink arithmetic. See
+``docs/rules.md`` for the rule table.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 
@@ -34,6 +38,10 @@ class LayerRule:
     def is_full(self) -> bool:
         return self.window is None
 
+    def key(self) -> tuple:
+        """The rule as plain values, for memo keys that a compiled step can hash without tracing a dataclass."""
+        return astuple(self)
+
     def describe(self) -> str:
         if self.is_full:
             return "full attention"
@@ -51,7 +59,7 @@ def _checked_layers(name: str, layers: tuple[int, ...], num_layers: int, drop_be
             f"{name}={list(layers)!r}: layer(s) {beyond} do not exist; this model has layers 0..{num_layers - 1}"
         )
     if beyond:
-        logger.warning("swaa: %s lists layers %s beyond this model's %d layers; ignored", name, beyond, num_layers)
+        logger.warning("%s lists layers %s beyond this model's %d layers; ignored", name, beyond, num_layers)
     return {layer for layer in layers if layer < num_layers}
 
 
@@ -95,6 +103,9 @@ def describe_rules(rules: tuple[LayerRule, ...]) -> str:
     return "\n".join(f"  layers {layers}: {rule.describe()}" for rule, layers in groups.items())
 
 
+# ------------------------------------------------------------------------------------------- the rule
+
+
 def window_start(rule: LayerRule, query_pos):
     """First key position inside the window of a query at ``query_pos`` (an int or a tensor): an SWA query
     sees the keys at ``window_start(rule, i) <= j <= i`` and the sinks ``j < rule.sink``, nothing else.
@@ -122,3 +133,65 @@ def visible(
     if rule.fa_decode:
         near = near | query_generated
     return seen & near
+
+
+# ------------------------------------------------------------------- coarse questions about the rule
+
+
+def sees_whole_prefix(rule: LayerRule, query_pos, query_generated):
+    """Whether a query (ints and bools, or tensors) sees every earlier key of its sequence: in a full layer,
+    as a generated token under FA decode, or when its window reaches back to the sinks (window and sinks are
+    then the whole prefix)."""
+    if rule.is_full:
+        return True
+    reaches = window_start(rule, query_pos) <= rule.sink
+    return reaches | query_generated if rule.fa_decode else reaches
+
+
+def sink_end(rule: LayerRule) -> int:
+    """Keys at positions ``[0, sink_end)`` are sinks: visible to every query of an SWA layer."""
+    return 0 if rule.is_full else rule.sink
+
+
+def kernel_window_left(rule: LayerRule, key_count: int) -> int:
+    """flash-attn's ``window_size`` left part for ``rule`` (``window - 1`` earlier keys and the query itself),
+    capped at ``key_count``: a window longer than every sequence is the same window, and fits a C int."""
+    return min(rule.window - 1, key_count)
+
+
+def keys_in_reach(rule: LayerRule, key_lo, key_hi, query_hi):
+    """Whether keys at positions ``key_lo..key_hi`` lie wholly inside the window of every SWA query up to position
+    ``query_hi``, or wholly among the sinks (not counting causality); tensors broadcast. A span that straddles
+    both is not in reach by this test, though every query may see it: callers only skip a mask with it."""
+    return (key_lo >= window_start(rule, query_hi)) | (key_hi < rule.sink)
+
+
+def forgets_old_keys(rule: LayerRule) -> bool:
+    """A layer whose every query (prompt or generated) uses the window: its cache may drop keys no later query
+    can see."""
+    return rule.window is not None and not rule.fa_decode
+
+
+def kept_keys(rule: LayerRule) -> int:
+    """Keys such a layer must keep for its next query: the sinks and the window of that query but itself."""
+    return rule.sink + rule.window - 1
+
+
+def still_visible(rule: LayerRule, key_pos, next_query_pos):
+    """Whether a query at ``next_query_pos`` or later may still see the key at ``key_pos`` (a sink, or inside
+    that query's window); tensors broadcast."""
+    return (key_pos < rule.sink) | (key_pos >= window_start(rule, next_query_pos))
+
+
+def ring_slot(rule: LayerRule, key_pos: torch.Tensor, ring: int) -> torch.Tensor:
+    """Slot of a key in a cache layer of ``rule.sink + ring`` slots: sink ``p`` in slot ``p``, a later key in a
+    ring of ``ring`` slots after them (``ring`` consecutive positions never share a slot)."""
+    return torch.where(key_pos < rule.sink, key_pos, rule.sink + (key_pos - rule.sink) % max(ring, 1))
+
+
+def visible_pairs(rule: LayerRule, length: int) -> int:
+    """(query, key) pairs a causal prompt of ``length`` tokens keeps under ``rule``: its attention's work."""
+    if rule.is_full:
+        return length * (length + 1) // 2
+    starts = (max(window_start(rule, i), 0) for i in range(length))
+    return sum(i - start + 1 + min(rule.sink, start) for i, start in enumerate(starts))  # window + sinks before it

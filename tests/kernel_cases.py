@@ -1,4 +1,4 @@
-"""Kernel-level cases shared by the CPU and GPU backend tests: random q/k/v and layouts, compared with the
+"""Kernel-level cases shared by the CPU and GPU backend tests: random q/k/v and plans, compared with the
 float64 reference of tests/reference.py."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from reference import attention, positions, sees
 
-from swaa.layout import Layout
+from swaa.plan import plan_forward
 from swaa.rules import LayerRule
 
 
@@ -36,7 +36,7 @@ class Case:
 
 
 def make_inputs(case: Case, device="cpu", dtype=torch.float64, seed=0):
-    """(query, key, value, layout, expected mask (batch, q, kv) bool) for ``case``."""
+    """(query, key, value, plan, expected mask (batch, q, kv) bool) for ``case``."""
     generator = torch.Generator().manual_seed(seed)
     if case.packed:
         total = sum(case.packed)
@@ -57,11 +57,11 @@ def make_inputs(case: Case, device="cpu", dtype=torch.float64, seed=0):
     query = torch.randn(batch, case.heads, q_len, case.head_dim, generator=generator, dtype=torch.float64)
     key = torch.randn(batch, case.kv_heads, total, case.head_dim, generator=generator, dtype=torch.float64)
     value = torch.randn(batch, case.kv_heads, total, case.head_dim, generator=generator, dtype=torch.float64)
-    layout = Layout.build(
+    plan = plan_forward(
         batch_size=batch, q_len=q_len, past_len=past, device=torch.device(device),
         attention_mask=None if case.packed else mask2d.to(device),
         position_ids=torch.tensor(position_rows, device=device) if case.packed else None,
-        prompt_end=case.prompt_end,
+        generate=case.prompt_end,
     )
     expected = torch.zeros(batch, q_len, total, dtype=torch.bool)
     rule = case.rule
@@ -80,9 +80,9 @@ def make_inputs(case: Case, device="cpu", dtype=torch.float64, seed=0):
     if case.keys_shuffled:
         order = torch.randperm(total, generator=generator)
         key, value, expected = key[:, :, order], value[:, :, order], expected[..., order]
-        layout = layout.with_keys(layout.key_pos[:, order.to(device)])
+        plan = plan.with_keys(plan.key_pos[:, order.to(device)])
     move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-    return move(query), move(key), move(value), layout, expected
+    return move(query), move(key), move(value), plan, expected
 
 
 def reference_output(query, key, value, expected, scaling):

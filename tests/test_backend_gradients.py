@@ -21,14 +21,14 @@ BACKENDS = {"reference": reference.attend, "sdpa": sdpa.attend, "flash": flash.a
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_equal_the_float64_reference(backend, case, monkeypatch):
     fa2_stand_in.install(monkeypatch)
-    query, key, value, layout, expected = make_inputs(case)
-    if backend == "sdpa" and not sdpa.handles(query, case.rule, layout):
+    query, key, value, plan, expected = make_inputs(case)
+    if backend == "sdpa" and not sdpa.handles(query, case.rule, plan):
         pytest.skip("sdpa does not take this call")
     scaling = case.head_dim**-0.5
     upstream = torch.randn(query.shape[0], query.shape[2], query.shape[1], query.shape[3],
                            generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     got = output_and_gradients(
-        lambda q, k, v: BACKENDS[backend](q, k, v, rule=case.rule, layout=layout, scaling=scaling)[0],
+        lambda q, k, v: BACKENDS[backend](q, k, v, rule=case.rule, plan=plan, scaling=scaling)[0],
         query, key, value, upstream)
     want = output_and_gradients(lambda q, k, v: reference_output(q, k, v, expected, scaling), query, key, value,
                                 upstream)
@@ -40,5 +40,5 @@ def test_gradient_cases_merge_sinks_into_windows():
     """The cases above exercise the sink merge: several of them give the flash backend a group of two calls
     (window, sinks) over the same queries."""
     merging = [case for case in GRADIENT_CASES
-               if any(len(calls) == 2 for calls in flash._plan(case.rule, make_inputs(case)[3]))]
+               if any(len(calls) == 2 for calls in flash._calls(case.rule, make_inputs(case)[3]))]
     assert len(merging) >= 6, [str(case) for case in merging]

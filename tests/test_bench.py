@@ -26,13 +26,6 @@ def test_bench_smoke_writes_results(tmp_path, capsys):
     assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("| FA decode + interleave 2, static")
 
 
-def test_visible_pairs_counts_window_and_sinks():
-    assert bench.visible_pairs(5, None, 0) == 15
-    assert bench.visible_pairs(5, 2, 0) == 1 + 2 + 2 + 2 + 2
-    # window 2, sink 1: position 2 adds key 0, positions 3 and 4 add key 0 (sinks outside the window)
-    assert bench.visible_pairs(5, 2, 1) == 9 + 3
-
-
 @pytest.mark.skipif(bench.torch.cuda.is_available(), reason="checks a machine without CUDA")
 def test_without_cuda_it_says_so_at_once(capsys):
     with pytest.raises(SystemExit) as exit:

@@ -17,8 +17,8 @@ from transformers import DynamicCache
 import swaa
 from swaa import SWAAConfig
 from swaa import backends
-from swaa.cache import SWAACache, new_cache
-from swaa.layout import Layout
+from swaa.caches import SWAACache, new_cache
+from swaa.plan import plan_forward
 from swaa.rules import FULL_ATTENTION, LayerRule, layer_rules
 
 NEW = 6
@@ -107,9 +107,9 @@ def test_chunked_prefill_attends_to_at_most_sink_window_and_chunk_keys(monkeypat
     def spying_select(*args, **kwargs):
         attend = select(*args, **kwargs)
 
-        def spy(query, key, value, *, rule, layout, **rest):
-            seen.append((rule, query.shape[-2], key.shape[-2], layout.key_pos.shape[1]))
-            return attend(query, key, value, rule=rule, layout=layout, **rest)
+        def spy(query, key, value, *, rule, plan, **rest):
+            seen.append((rule, query.shape[-2], key.shape[-2], plan.key_pos.shape[1]))
+            return attend(query, key, value, rule=rule, plan=plan, **rest)
 
         return spy
 
@@ -164,8 +164,8 @@ def test_reorder_and_select_move_positions_with_keys():
     rules = (LayerRule(3, 1), FULL_ATTENTION)
     cache = new_cache(rules)
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]])
-    layout = Layout.build(batch_size=2, q_len=6, past_len=0, device=torch.device("cpu"), attention_mask=mask)
-    cache.begin_forward(layout)
+    plan = plan_forward(batch_size=2, q_len=6, past_len=0, device=torch.device("cpu"), attention_mask=mask)
+    cache.begin_forward(plan)
     keys = torch.arange(12.0).reshape(2, 1, 6, 1)
     for layer in range(2):
         cache.update(keys, keys, layer)
@@ -283,13 +283,13 @@ def test_bounded_cache_off_or_nothing_to_bound_gives_a_plain_dynamic_cache():
 
 def test_with_keys_mask_is_the_full_mask_at_the_kept_keys():
     mask2d = torch.tensor([[1] * 9, [0, 0, 0, 0, 1, 1, 1, 1, 1]])
-    full = Layout.build(batch_size=2, q_len=3, past_len=6, device=torch.device("cpu"), attention_mask=mask2d)
+    full = plan_forward(batch_size=2, q_len=3, past_len=6, device=torch.device("cpu"), attention_mask=mask2d)
     kept_index = torch.tensor([[0, 1, 4, 5, 6, 7, 8], [0, 1, 4, 5, 6, 7, 8]])
     kept = full.key_pos.gather(1, kept_index)
     rule = LayerRule(3, 2)
-    layout = full.with_keys(kept)
+    plan = full.with_keys(kept)
     expected = full.mask(rule).gather(2, kept_index[:, None, :].expand(-1, 3, -1))
-    assert torch.equal(layout.mask(rule), expected)
+    assert torch.equal(plan.mask(rule), expected)
 
 
 def test_cache_memory_benchmark_smoke(tmp_path):
@@ -321,7 +321,7 @@ def test_a_decoder_that_takes_its_cache_under_the_old_name_gets_swaas_cache():
     from tiny import _COMMON
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
-    from swaa.cache import CACHE_KWARG
+    from swaa.compat import CACHE_KWARG
 
     class OldNameModel(Qwen3Model):
         def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,

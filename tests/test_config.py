@@ -14,11 +14,13 @@ from swaa.rules import FULL_ATTENTION, LayerRule, full_attention_layers, layer_r
 @pytest.mark.parametrize(
     "fields, error, message",
     [
-        (dict(window=0), ValueError, "window=0: must be a positive int"),
-        (dict(window=-3), ValueError, "window=-3: must be a positive int"),
-        (dict(window=2.5), ValueError, "window=2.5: must be a positive int"),
-        (dict(window=True), ValueError, "window=True: must be a positive int"),
-        (dict(window=8, sink=-1), ValueError, "sink=-1: must be an int >= 0"),
+        (dict(window=0), ValueError, "window=0: must be an int from 1 to 2**63 - 1"),
+        (dict(window=-3), ValueError, "window=-3: must be an int from 1 to 2**63 - 1"),
+        (dict(window=2.5), ValueError, "window=2.5: must be an int from 1 to 2**63 - 1"),
+        (dict(window=True), ValueError, "window=True: must be an int from 1 to 2**63 - 1"),
+        (dict(window=2**63), ValueError, "window=9223372036854775808: must be an int from 1 to 2**63 - 1"),
+        (dict(window=8, sink=-1), ValueError, "sink=-1: must be an int from 0 to 2**63 - 1"),
+        (dict(window=8, sink=10**30), ValueError, f"sink={10**30}: must be an int from 0 to 2**63 - 1"),
         (dict(window=8, interleave=0), ValueError, "interleave=0: must be None or a positive int"),
         (dict(window=8, interleave=2, interleave_offset=-1), ValueError, "interleave_offset=-1: must be an int >= 0"),
         (dict(window=8, interleave_offset=0), ValueError, "interleave_offset=0 has no effect without interleave"),

@@ -15,9 +15,9 @@ from swaa.backends import flash
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_flash_split_equals_reference(case, monkeypatch):
     fa2_stand_in.install(monkeypatch)
-    query, key, value, layout, expected = make_inputs(case)
+    query, key, value, plan, expected = make_inputs(case)
     scaling = case.head_dim**-0.5
-    output, _ = flash.attend(query, key, value, rule=case.rule, layout=layout, scaling=scaling)
+    output, _ = flash.attend(query, key, value, rule=case.rule, plan=plan, scaling=scaling)
     torch.testing.assert_close(output, reference_output(query, key, value, expected, scaling), rtol=1e-10, atol=1e-10)
 
 
@@ -26,17 +26,17 @@ def test_sdpa_paths_equal_reference_where_they_apply(case):
     """The sdpa backend, where it claims a call (decode; full prefill without padding), is exact."""
     from swaa.backends import sdpa
 
-    query, key, value, layout, expected = make_inputs(case)
+    query, key, value, plan, expected = make_inputs(case)
     scaling = case.head_dim**-0.5
-    if not sdpa.handles(query, case.rule, layout):
+    if not sdpa.handles(query, case.rule, plan):
         pytest.skip("padding: not an sdpa case")
-    output, _ = sdpa.attend(query, key, value, rule=case.rule, layout=layout, scaling=scaling)
+    output, _ = sdpa.attend(query, key, value, rule=case.rule, plan=plan, scaling=scaling)
     torch.testing.assert_close(output, reference_output(query, key, value, expected, scaling), rtol=1e-10, atol=1e-10)
 
 
 def test_flash_refuses_attention_dropout(monkeypatch):
     fa2_stand_in.install(monkeypatch)
     case = CASES[1]
-    query, key, value, layout, _ = make_inputs(case)
+    query, key, value, plan, _ = make_inputs(case)
     with pytest.raises(ValueError, match="backend='flash' has no attention dropout"):
-        flash.attend(query, key, value, rule=case.rule, layout=layout, scaling=1.0, dropout=0.1)
+        flash.attend(query, key, value, rule=case.rule, plan=plan, scaling=1.0, dropout=0.1)

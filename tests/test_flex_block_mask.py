@@ -8,7 +8,7 @@ import torch
 from kernel_cases import CASES, Case, make_inputs, reference_output
 
 from swaa.backends import flex
-from swaa.layout import Layout
+from swaa.plan import plan_forward
 from swaa.rules import LayerRule
 
 
@@ -24,9 +24,9 @@ def dense_blocks(mask_blocks, n_q, n_k):
     return dense
 
 
-def check_block_mask(rule, layout):
-    expected = layout.mask(rule)  # (batch, q, kv)
-    block_mask = flex.block_mask(rule, layout)
+def check_block_mask(rule, plan):
+    expected = plan.mask(rule)  # (batch, q, kv)
+    block_mask = flex.block_mask(rule, plan)
     batch, q_len, kv_len = expected.shape
     n_q, n_k = -(-q_len // flex.BLOCK), -(-kv_len // flex.BLOCK)
     partial = dense_blocks((block_mask.kv_num_blocks, block_mask.kv_indices), n_q, n_k)
@@ -43,7 +43,7 @@ def check_block_mask(rule, layout):
     return partial, full
 
 
-def long_layout(lengths, q_len=None, prompt_end=None, packed=None):
+def long_plan(lengths, q_len=None, prompt_end=None, packed=None):
     total = max(lengths)
     mask = torch.zeros(len(lengths), total, dtype=torch.long)
     for row, length in enumerate(lengths):
@@ -54,26 +54,26 @@ def long_layout(lengths, q_len=None, prompt_end=None, packed=None):
         mask = None
         position_ids = torch.tensor([[p for length in packed for p in range(length)]])
         total = q_len = sum(packed)
-    return Layout.build(batch_size=len(lengths), q_len=q_len, past_len=total - q_len, device=torch.device("cpu"),
-                        attention_mask=mask, position_ids=position_ids, prompt_end=prompt_end)
+    return plan_forward(batch_size=len(lengths), q_len=q_len, past_len=total - q_len, device=torch.device("cpu"),
+                        attention_mask=mask, position_ids=position_ids, generate=prompt_end)
 
 
 @pytest.mark.parametrize(
-    "rule, layout",
+    "rule, plan",
     [
-        (LayerRule(300, 100), long_layout([2000, 1500])),
-        (LayerRule(300, 0), long_layout([2000, 1999, 7])),
-        (LayerRule(128, 128), long_layout([1024])),
-        (LayerRule(257, 3, True), long_layout([2000, 1200], q_len=700, prompt_end=1700)),
-        (LayerRule(None), long_layout([1000, 600])),
-        (LayerRule(200, 50), long_layout([1], packed=(700, 90, 1000))),
-        (LayerRule(5000, 5000), long_layout([1300])),
+        (LayerRule(300, 100), long_plan([2000, 1500])),
+        (LayerRule(300, 0), long_plan([2000, 1999, 7])),
+        (LayerRule(128, 128), long_plan([1024])),
+        (LayerRule(257, 3, True), long_plan([2000, 1200], q_len=700, prompt_end=1700)),
+        (LayerRule(None), long_plan([1000, 600])),
+        (LayerRule(200, 50), long_plan([1], packed=(700, 90, 1000))),
+        (LayerRule(5000, 5000), long_plan([1300])),
     ],
     ids=["sinks_padded", "no_sinks_padded", "block_aligned", "chunk_into_generated", "full", "packed", "window_past_end"],
 )
-def test_block_mask_covers_exactly_the_rule(rule, layout):
-    partial, full = check_block_mask(rule, layout)
-    if rule.window is not None and rule.window < 500 and not rule.fa_decode and layout.query_seq is None:
+def test_block_mask_covers_exactly_the_rule(rule, plan):
+    partial, full = check_block_mask(rule, plan)
+    if rule.window is not None and rule.window < 500 and not rule.fa_decode and plan.query_seq is None:
         per_query_block = (partial | full).sum(-1).max()
         assert per_query_block <= (rule.window + rule.sink) // flex.BLOCK + 4  # sparse: O(window + sink)
         assert full.any()
@@ -82,8 +82,8 @@ def test_block_mask_covers_exactly_the_rule(rule, layout):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_flex_unfused_equals_reference(case):
     """FlexAttention's unfused CPU path with our block mask and mask_mod equals the plain reference."""
-    query, key, value, layout, expected = make_inputs(case)
-    check_block_mask(case.rule, layout)
+    query, key, value, plan, expected = make_inputs(case)
+    check_block_mask(case.rule, plan)
     scaling = case.head_dim**-0.5
-    output, _ = flex.attend(query, key, value, rule=case.rule, layout=layout, scaling=scaling)
+    output, _ = flex.attend(query, key, value, rule=case.rule, plan=plan, scaling=scaling)
     torch.testing.assert_close(output, reference_output(query, key, value, expected, scaling), rtol=1e-10, atol=1e-10)

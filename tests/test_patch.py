@@ -146,7 +146,7 @@ def _escaped(text):
 @pytest.mark.parametrize(
     "call, error, message",
     [
-        (lambda m: swaa.patch_model(m, window=0), ValueError, "window=0: must be a positive int"),
+        (lambda m: swaa.patch_model(m, window=0), ValueError, "window=0: must be an int from 1 to 2**63 - 1"),
         (lambda m: swaa.patch_model(m, window=4, full_attention_layers=[2, 7]), ValueError,
          "layer(s) [7] do not exist; this model has layers 0..3"),
         (lambda m: swaa.patch_model(m, window=4, interleave=2, full_attention_layers=[1]), ValueError,

@@ -28,8 +28,8 @@ from transformers.generation.configuration_utils import CompileConfig
 
 import swaa
 from swaa import SWAAConfig
-from swaa.backends.reference import DECODE_CHUNK
-from swaa.cache import SWAAStaticCache, set_prompt_end
+from swaa.caches import DECODE_CHUNK, SWAAStaticCache
+from swaa.plan import GENERATE_KWARG
 from swaa.rules import layer_rules
 
 NEW = 6
@@ -100,9 +100,12 @@ def test_cache_implementation_from_the_generation_config_and_a_dynamic_default_w
 
 @pytest.mark.parametrize("implementation", ["offloaded", "offloaded_static", "quantized", "paged"])
 def test_cache_implementations_swaa_cannot_honour_are_refused_by_name(implementation):
+    """paged switches generate to continuous batching, which swaa refuses by that name."""
     model = tiny_model("qwen3")
     swaa.patch_model(model, window=3, fa_decode=False)
-    with pytest.raises(ValueError, match=f"cache_implementation='{implementation}'"):
+    error, message = (NotImplementedError, "continuous batching") if implementation == "paged" else (
+        ValueError, f"cache_implementation='{implementation}'")
+    with pytest.raises(error, match=message):
         generate(model, *left_padded([6], total=6, seed=25), cache_implementation=implementation)
 
 
@@ -175,13 +178,24 @@ def test_generate_without_a_cache_still_knows_the_generated_tokens():
     assert_same_generation(generate(model, ids, mask, use_cache=False), generate(model, ids, mask))
 
 
-def test_the_prompt_boundary_ends_with_generate():
-    """A returned cache carries no boundary: a bare forward on it follows the bare-forward rule."""
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_the_prompt_boundary_ends_with_generate(cache_implementation):
+    """generate's boundary lives in its own forwards only: a returned cache carries none, and a bare forward
+    of one token on it follows the bare-forward rule (a generated token), as generate's next step would."""
     model = tiny_model("qwen3")
     swaa.patch_model(model, window=2, sink=1)
     ids, mask = left_padded([8], total=8, seed=27)
-    out = generate(model, ids, mask, cache_implementation="static")
-    assert out.past_key_values.swaa_prompt_end is None
+    longer = generate(model, ids, mask, new=NEW + 1, cache_implementation=cache_implementation)
+    out = generate(model, ids, mask, cache_implementation=cache_implementation)
+    assert not [name for name in vars(out.past_key_values) if "swaa" in name]
+    token = out.sequences[:, -1:]
+    full_mask = torch.ones(1, 8 + NEW, dtype=mask.dtype)
+    if cache_implementation == "static":
+        full_mask = torch.nn.functional.pad(full_mask, (0, out.past_key_values.get_max_length() - full_mask.shape[1]))
+    with torch.no_grad():
+        logits = model(token, attention_mask=full_mask, past_key_values=out.past_key_values,
+                       position_ids=torch.tensor([[8 + NEW - 1]])).logits
+    assert_logits_equal(logits[:, -1], longer.logits[-1])
 
 
 def decode_step_inputs(model, config, batch=(9, 5), slots=24):
@@ -190,7 +204,6 @@ def decode_step_inputs(model, config, batch=(9, 5), slots=24):
     ids, mask = left_padded(list(batch), total=batch[0], seed=28)
     rules = layer_rules(SWAAConfig(**config), model.config.num_hidden_layers)
     cache = SWAAStaticCache(rules, slots, config.get("bounded_cache", True))
-    set_prompt_end(cache, batch[0], "cpu")
     with torch.no_grad():
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(ids, attention_mask=mask, past_key_values=cache, position_ids=positions).logits
@@ -206,22 +219,24 @@ def test_a_compiled_decode_step_is_one_graph_exact_and_never_recompiles(config):
     eager_cache, token, full_mask, position = decode_step_inputs(eager_model, CONFIGS[config])
     cache, *_ = decode_step_inputs(model, CONFIGS[config])
 
-    def step(model, cache, token, full_mask, position):
-        return model(token, attention_mask=full_mask, past_key_values=cache, position_ids=position).logits
+    def step(model, cache, token, full_mask, position, prompt_end):  # prompt_end: as generate hands it down
+        return model(token, attention_mask=full_mask, past_key_values=cache, position_ids=position,
+                     **{GENERATE_KWARG: prompt_end}).logits
 
-    explanation = torch._dynamo.explain(step)(model, copy.deepcopy(cache), token, full_mask, position)
+    end = torch.full((2, 1), 9)
+    explanation = torch._dynamo.explain(step)(model, copy.deepcopy(cache), token, full_mask, position, end)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     torch._dynamo.reset()
     compiled = torch.compile(step, backend="eager", fullgraph=True)
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         for n in range(12):
             full_mask[:, 9 + n] = 1
-            expected = step(eager_model, eager_cache, token, full_mask, position + n)
-            assert_logits_equal(compiled(model, cache, token, full_mask, position + n), expected)
+            expected = step(eager_model, eager_cache, token, full_mask, position + n, end)
+            assert_logits_equal(compiled(model, cache, token, full_mask, position + n, end), expected)
             token = expected[:, -1:].argmax(-1)
         fresh, token, full_mask, position = decode_step_inputs(model, CONFIGS[config], batch=(7, 3))
         full_mask[:, 7] = 1
-        compiled(model, fresh, token, full_mask, position)
+        compiled(model, fresh, token, full_mask, position, torch.full((2, 1), 7))
 
 
 class CountHostSyncs(TorchFunctionMode):

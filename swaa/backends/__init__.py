@@ -1,6 +1,6 @@
 """Attention backends: each computes exactly the SWAA rule for one layer, and says when it cannot run.
 
-A backend is a function ``attend(query, key, value, *, rule, layout, scaling, dropout, need_weights)``
+A backend is a function ``attend(query, key, value, *, rule, plan, scaling, dropout, need_weights)``
 returning ``(output, weights)``; see ``reference.attend`` for the shapes. Backends know nothing about
 models. ``select`` picks one per call; "auto" takes the fastest exact path measured on the device; "flex"
 runs FlexAttention on calls of several queries and auto's path on decode steps.
@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..layout import Layout
+from ..plan import Plan
 from ..rules import LayerRule
 from . import flash, flex, reference, sdpa
 
@@ -26,7 +26,7 @@ def _announce(name: str, device: torch.device, why: str) -> None:
         return
     if (name, device.type, why) not in _announced:
         _announced.add((name, device.type, why))
-        logger.info("swaa: attention backend %r on %s (%s)", name, device.type, why)
+        logger.info("attention backend %r on %s (%s)", name, device.type, why)
 
 
 def check_available(name: str, device: torch.device) -> None:
@@ -39,7 +39,7 @@ def check_available(name: str, device: torch.device) -> None:
         raise RuntimeError(f"backend='flash' cannot run on {device.type}: {reason}; use backend='flex' or 'auto'")
 
 
-def select(name: str, query: torch.Tensor, value: torch.Tensor, rule: LayerRule, layout: Layout,
+def select(name: str, query: torch.Tensor, value: torch.Tensor, rule: LayerRule, plan: Plan,
            need_weights: bool) -> Callable:
     """The attend function for backend ``name`` and this call."""
     device = query.device
@@ -61,7 +61,7 @@ def select(name: str, query: torch.Tensor, value: torch.Tensor, rule: LayerRule,
     # auto, and a decode step (one query per row) under flex: FlexAttention's decoding kernel read a long static
     # cache slower than the grouped products on an H200, and inductor (torch 2.11) failed to build it inside a
     # compiled decode step
-    if sdpa.handles(query, rule, layout):
+    if sdpa.handles(query, rule, plan):
         _announce("sdpa", device, f"{name}: the query sees every key, no mask needed")
         return sdpa.attend
     if query.shape[2] == 1:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import Layout
-from ..rules import LayerRule, window_start
+from ..plan import Plan
+from ..rules import LayerRule, kernel_window_left, sees_whole_prefix, sink_end, window_start
 
 
 def available(device: torch.device) -> str | None:
@@ -148,14 +148,14 @@ class _Attention(torch.autograd.Function):
         return grad_query.to(query.dtype), None, None, *grad_keys_values
 
 
-def _plan(rule: LayerRule, layout: Layout) -> tuple[tuple[_Call, ...], ...]:
-    """The calls for this rule and layout, grouped by the queries they serve: (full,) and (windowed, sinks),
+def _calls(rule: LayerRule, plan: Plan) -> tuple[tuple[_Call, ...], ...]:
+    """The calls for this rule and plan, grouped by the queries they serve: (full,) and (windowed, sinks),
     or fewer where no query needs them; computed once per forward."""
-    query_pos = layout.query_pos.tolist()
-    key_pos = layout.key_pos.tolist()
-    generated = layout.query_generated.tolist()
-    query_seq = layout.query_seq.tolist() if layout.query_seq is not None else None
-    key_seq = layout.key_seq.tolist() if layout.key_seq is not None else None
+    query_pos = plan.query_pos.tolist()
+    key_pos = plan.key_pos.tolist()
+    generated = plan.query_generated.tolist()
+    query_seq = plan.query_seq.tolist() if plan.query_seq is not None else None
+    key_seq = plan.key_seq.tolist() if plan.key_seq is not None else None
     q_len, kv_len = len(query_pos[0]), len(key_pos[0])
     runs = {"full": [], "window": [], "sink": []}
     for b, (q_row, k_row) in enumerate(zip(query_pos, key_pos)):
@@ -171,18 +171,17 @@ def _plan(rule: LayerRule, layout: Layout) -> tuple[tuple[_Call, ...], ...]:
                 run = None
                 continue
             seq = query_seq[b][t] if query_seq else 0
-            full = rule.is_full or (rule.fa_decode and generated[b][t]) or window_start(rule, pos) <= rule.sink
-            kind = "full" if full else "window"
+            kind = "full" if sees_whole_prefix(rule, pos, generated[b][t]) else "window"
             if run is None or run["kind"] != kind or run["seq"] != seq:
                 run = {"kind": kind, "seq": seq, "keys": keys[seq], "queries": [], "first": pos}
                 runs[kind].append(run)
             run["queries"].append(b * q_len + t)
             run["last"] = pos
-    device = layout.query_pos.device
+    device = plan.query_pos.device
 
     def call(kind: str, key_span) -> _Call | None:
         chosen = runs["window" if kind == "sink" else kind]
-        if not chosen or (kind == "sink" and rule.sink == 0):
+        if not chosen or (kind == "sink" and sink_end(rule) == 0):
             return None
         query_index, key_index, cu_q, cu_k = [], [], [0], [0]
         for run in chosen:
@@ -201,13 +200,13 @@ def _plan(rule: LayerRule, layout: Layout) -> tuple[tuple[_Call, ...], ...]:
         return _Call(
             as_tensor(query_index), as_tensor(key_index), as_tensor(cu_q).int(), as_tensor(cu_k).int(),
             max(b - a for a, b in zip(cu_q, cu_q[1:])), max(b - a for a, b in zip(cu_k, cu_k[1:])),
-            causal=kind != "sink", window_left=rule.window - 1 if kind == "window" else -1,
+            causal=kind != "sink", window_left=kernel_window_left(rule, plan.kv_len) if kind == "window" else -1,
         )
 
     groups = (
         (call("full", lambda run: (0, run["last"] + 1)),),
         (call("window", lambda run: (max(window_start(rule, run["first"]), 0), run["last"] + 1)),
-         call("sink", lambda run: (0, rule.sink))),
+         call("sink", lambda run: (0, sink_end(rule)))),
     )
     return tuple(calls for calls in (tuple(c for c in group if c is not None) for group in groups) if calls)
 
@@ -218,7 +217,7 @@ def attend(
     value: torch.Tensor,
     *,
     rule: LayerRule,
-    layout: Layout,
+    plan: Plan,
     scaling: float,
     dropout: float = 0.0,
     need_weights: bool = False,
@@ -227,15 +226,15 @@ def attend(
     Returns (batch, q_len, heads, head_dim); padding queries give 0."""
     if dropout:
         raise ValueError(f"backend='flash' has no attention dropout (dropout={dropout}); use backend='reference'")
-    memo_key = ("flash", rule)
-    if memo_key not in layout.memo:
-        layout.memo[memo_key] = _plan(rule, layout)
+    memo_key = ("flash", *rule.key())
+    if memo_key not in plan.memo:
+        plan.memo[memo_key] = _calls(rule, plan)
     batch, heads, q_len, head_dim = query.shape
     queries = query.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
     keys = key.transpose(1, 2).reshape(-1, key.shape[1], head_dim)
     values = value.transpose(1, 2).reshape(-1, key.shape[1], head_dim)
     output = queries.new_zeros(queries.shape)
-    for calls in layout.memo[memo_key]:
+    for calls in plan.memo[memo_key]:
         query_index = calls[0].query_index  # every call of a group serves the same queries
         keys_values = [t[call.key_index] for call in calls for t in (keys, values)]
         output = output.index_copy(0, query_index, _Attention.apply(queries[query_index], scaling, calls, *keys_values))

@@ -1,6 +1,6 @@
 """FlexAttention backend: window, sinks, causality, padding and packed sequences in one fused kernel.
 
-The block mask is built from the layout's positions, at block granularity: for each block of 128 queries
+The block mask is built from the plan's positions, at block granularity: for each block of 128 queries
 it lists the key blocks that hold its window and its sinks, found by binary search over the keys. Nothing
 of size L x L is ever made: FlexAttention's own format holds (L/128)^2 block indices (4 MB at 128k). Blocks whose every pair is visible are
 marked full and skip the mask; the others apply ``rules.visible`` element by element.
@@ -13,8 +13,8 @@ import functools
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from ..layout import Layout, rule_key
-from ..rules import LayerRule, visible, window_start
+from ..plan import Plan
+from ..rules import LayerRule, keys_in_reach, sink_end, visible, window_start
 
 BLOCK = 128
 MIN_HEAD_DIM = 16  # FlexAttention's GPU kernel refuses smaller query/key/value embeddings
@@ -48,7 +48,7 @@ def attend(
     value: torch.Tensor,
     *,
     rule: LayerRule,
-    layout: Layout,
+    plan: Plan,
     scaling: float,
     dropout: float = 0.0,
     need_weights: bool = False,
@@ -59,13 +59,13 @@ def attend(
         raise ValueError(f"backend='flex' has no attention dropout (dropout={dropout}); use backend='reference'")
     if query.is_cuda and (reason := unsupported(query, value)):
         raise ValueError(f"backend='flex' cannot run this model: {reason}; use backend='auto' or 'reference'")
-    key_ = ("flex", *rule_key(rule))
-    if key_ not in layout.memo:
-        layout.memo[key_] = block_mask(rule, layout)
+    key_ = ("flex", *rule.key())
+    if key_ not in plan.memo:
+        plan.memo[key_] = block_mask(rule, plan)
     # Several queries (a prompt chunk, maybe of a compiled, dynamic length): the main kernel; one query: the
     # split-key decoding kernel.
     options = {"FORCE_USE_FLEX_ATTENTION": True} if query.shape[2] > 1 else None
-    output = _flex(query)(query, key, value, block_mask=layout.memo[key_], scale=scaling, enable_gqa=True,
+    output = _flex(query)(query, key, value, block_mask=plan.memo[key_], scale=scaling, enable_gqa=True,
                           kernel_options=options)
     return output.transpose(1, 2).contiguous(), None
 
@@ -76,13 +76,13 @@ def _blocks(tensor: torch.Tensor, fill) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, (0, pad), value=fill).view(tensor.shape[0], -1, BLOCK)
 
 
-def block_mask(rule: LayerRule, layout: Layout) -> BlockMask:
-    """The BlockMask of ``rule`` over ``layout``; exact through its mask_mod, sparse through its blocks."""
-    query_pos, key_pos, generated = layout.query_pos, layout.key_pos, layout.query_generated
+def block_mask(rule: LayerRule, plan: Plan) -> BlockMask:
+    """The BlockMask of ``rule`` over ``plan``; exact through its mask_mod, sparse through its blocks."""
+    query_pos, key_pos, generated = plan.query_pos, plan.key_pos, plan.query_generated
     batch, q_len = query_pos.shape
     kv_len = key_pos.shape[1]
-    query_seq = layout.query_seq if layout.query_seq is not None else torch.zeros_like(query_pos)
-    key_seq = layout.key_seq if layout.key_seq is not None else torch.zeros_like(key_pos)
+    query_seq = plan.query_seq if plan.query_seq is not None else torch.zeros_like(query_pos)
+    key_seq = plan.key_seq if plan.key_seq is not None else torch.zeros_like(key_pos)
 
     # Per query block: the span of (sequence, position) it covers, and whether a generated token is in it.
     q_valid = _blocks(query_pos >= 0, False)
@@ -104,7 +104,7 @@ def block_mask(rule: LayerRule, layout: Layout) -> BlockMask:
     key_order = torch.where(key_pos >= 0, key_seq * big + key_pos, -1).cummax(-1).values
     near_lo = 0 if rule.is_full else torch.where(needs_all, 0, window_start(rule, q_lo_pos).clamp(min=0))
     near = torch.stack([q_lo_seq * big + near_lo, q_hi_seq * big + q_hi_pos + 1], -1)  # [lo, hi)
-    sinks = torch.stack([q_lo_seq * big, q_lo_seq * big + (0 if rule.is_full else rule.sink)], -1)
+    sinks = torch.stack([q_lo_seq * big, q_lo_seq * big + sink_end(rule)], -1)
     bounds = torch.searchsorted(key_order, torch.cat([near, sinks], -1).view(batch, -1)).view(batch, -1, 4)
     first = bounds // BLOCK
     last = (bounds - 1).div(BLOCK, rounding_mode="floor")
@@ -138,7 +138,7 @@ def block_mask(rule: LayerRule, layout: Layout) -> BlockMask:
     full &= gather(k_hi_pos) <= q_lo_pos[..., None]
     if not rule.is_full:
         all_generated = (_blocks(generated, True) | ~q_valid).all(-1) if rule.fa_decode else torch.zeros_like(any_valid)
-        in_reach = (gather(k_lo_pos) >= window_start(rule, q_hi_pos[..., None])) | (gather(k_hi_pos) < rule.sink)
+        in_reach = keys_in_reach(rule, gather(k_lo_pos), gather(k_hi_pos), q_hi_pos[..., None])
         full &= in_reach | all_generated[..., None]
     partial = listed & ~full
 
@@ -148,7 +148,7 @@ def block_mask(rule: LayerRule, layout: Layout) -> BlockMask:
 
     kv_num, kv_indices = ordered(partial)
     full_num, full_indices = ordered(full)
-    mask_mod = _mask_mod(rule, layout, q_len, kv_len)
+    mask_mod = _mask_mod(rule, plan, q_len, kv_len)
     return BlockMask.from_kv_blocks(
         kv_num, kv_indices, full_num, full_indices, BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(q_len, kv_len)
     )
@@ -173,17 +173,17 @@ def _index_mask_mod(rule: LayerRule, device: torch.device):
     return mask_mod
 
 
-def _mask_mod(rule: LayerRule, layout: Layout, q_len: int, kv_len: int):
+def _mask_mod(rule: LayerRule, plan: Plan, q_len: int, kv_len: int):
     """``rules.visible`` as a FlexAttention mask_mod. The kernel asks about whole blocks, so indices past the
     last query or key are clamped for the loads and such keys are never visible (clamping rather than padding
     the position tensors keeps a compiled decode step from fusing a pad into the kernel). Window and sink enter
     as tensors, so the compiled kernel serves every window size without recompiling."""
-    device = layout.query_pos.device
-    if q_len == kv_len and layout.plain() and not (rule.fa_decode and layout.any_generated()):
+    device = plan.query_pos.device
+    if q_len == kv_len and plan.plain() and not (rule.fa_decode and plan.any_generated()):
         return _index_mask_mod(rule, device)
     rule = _tensor_rule(rule, device)
-    query_pos, key_pos, generated = layout.query_pos, layout.key_pos, layout.query_generated
-    query_seq, key_seq = layout.query_seq, layout.key_seq
+    query_pos, key_pos, generated = plan.query_pos, plan.key_pos, plan.query_generated
+    query_seq, key_seq = plan.query_seq, plan.key_seq
 
     def mask_mod(b, h, q, k):
         q, k_in = q.clamp(max=query_pos.shape[1] - 1), k.clamp(max=key_pos.shape[1] - 1)

@@ -11,21 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..layout import Layout
+from ..caches import DECODE_CHUNK, SPLIT_FROM_CHUNKS
+from ..plan import Plan
 from ..rules import LayerRule
-
-DECODE_CHUNK = 256  # keys per aligned block and per partial product of a one-query call (see _one_query)
-SPLIT_FROM_CHUNKS = 32  # from this many whole chunks on, a one-query call sums per-chunk products (_weighted_values)
-
-
-def in_place_slots(slots: int) -> int:
-    """The number of cache slots, at least ``slots``, whose one-query products read the values where they lie:
-    a long cache in whole chunks. The chunked product views each row's values as (chunks, chunk, d); over
-    whole chunks of the full tensor that view is one strided batch, over part of a longer row it is not, and
-    the product first copies every value (on an H200 at 128k: 124 us of each layer's step, a quarter of it)."""
-    if slots < SPLIT_FROM_CHUNKS * DECODE_CHUNK:
-        return slots
-    return -(-slots // DECODE_CHUNK) * DECODE_CHUNK
 
 
 def attend(
@@ -34,7 +22,7 @@ def attend(
     value: torch.Tensor,
     *,
     rule: LayerRule,
-    layout: Layout,
+    plan: Plan,
     scaling: float,
     dropout: float = 0.0,
     need_weights: bool = False,
@@ -47,8 +35,8 @@ def attend(
     gets a zero output.
     """
     if query.shape[2] == 1 and not need_weights and not dropout:
-        return _one_query(query, key, value, layout.mask(rule), scaling), None
-    mask = layout.mask(rule)[:, None]  # (batch, 1, q_len, kv_len)
+        return _one_query(query, key, value, plan.mask(rule), scaling), None
+    mask = plan.mask(rule)[:, None]  # (batch, 1, q_len, kv_len)
     sees_a_key = mask.any(-1, keepdim=True)
     mask = mask | ~sees_a_key  # keeps softmax finite on padding rows; their output is zeroed below
     weights = None
@@ -97,7 +85,7 @@ def _weighted_values(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor
     kv_heads, kv_len, d), ``kv_len`` whole chunks or less than one (``_one_query``'s parts). Over 32 chunks or
     more that is one long reduction per kv head, which one matrix product spreads over few GPU blocks; chunk
     by chunk it is many small products, summed in float32: the split of flash-decoding, in plain tensor ops.
-    ``value`` is read in place when it is a whole tensor of whole chunks (``in_place_slots``), else copied."""
+    ``value`` is read in place when it is a whole tensor of whole chunks (``caches.in_place_slots``), else copied."""
     batch, kv_heads, group, kv_len = weights.shape
     chunks = kv_len // DECODE_CHUNK
     wide = torch.promote_types(value.dtype, torch.float32)

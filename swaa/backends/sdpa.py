@@ -1,8 +1,9 @@
 """PyTorch's fused attention for the calls that need no mask: rows whose every key sits at its index (no
 padding, packing or unwritten cache slots), where each query sees every earlier key.
 
-- Decode, one new query against the whole cache in a full-attention layer, or a generated token in an
-  FA-decode layer: a one-token query needs no causal mask, so the bandwidth-bound flash kernel runs.
+- Decode, one new query that sees the whole cache (a full-attention layer, a generated token in an FA-decode
+  layer, a window that reaches the sinks): a one-token query needs no causal mask, so the bandwidth-bound
+  flash kernel runs.
 - Prefill of a full-attention layer with no cache: plain causal attention (cuDNN on Hopper).
 """
 
@@ -11,18 +12,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..layout import Layout
-from ..rules import LayerRule
+from ..plan import Plan
+from ..rules import LayerRule, sees_whole_prefix
 
 
-def handles(query: torch.Tensor, rule: LayerRule, layout: Layout) -> bool:
-    """True on plain rows for one query that sees the whole cache (a full-attention layer, or a generated
-    token in an FA-decode layer) and for a full-attention prompt with no cache."""
-    q_len, kv_len = query.shape[2], layout.key_pos.shape[1]
+def handles(query: torch.Tensor, rule: LayerRule, plan: Plan) -> bool:
+    """True on plain rows for one query per row that sees its whole prefix, and for a full-attention prompt
+    with no cache."""
+    q_len = query.shape[2]
     if q_len == 1:
-        sees_all = rule.is_full or (rule.fa_decode and layout.all_generated())
-        return sees_all and layout.plain()
-    return rule.is_full and q_len == kv_len and layout.plain()
+        if rule.is_full or (rule.fa_decode and plan.all_generated()):
+            return plan.plain()
+        # plain rows: the query sits at the last slot, its position is the cache length - 1
+        return plan.plain() and sees_whole_prefix(rule, plan.kv_len - 1, False)
+    return rule.is_full and q_len == plan.kv_len and plan.plain()
 
 
 def attend(
@@ -31,7 +34,7 @@ def attend(
     value: torch.Tensor,
     *,
     rule: LayerRule,
-    layout: Layout,
+    plan: Plan,
     scaling: float,
     dropout: float = 0.0,
     need_weights: bool = False,

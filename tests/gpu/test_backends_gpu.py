@@ -15,7 +15,7 @@ from kernel_cases import CASES, GRADIENT_CASES, Case, make_inputs, output_and_gr
 
 import swaa
 from swaa.backends import flash, flex, reference, sdpa
-from swaa.layout import Layout
+from swaa.plan import Plan, plan_forward
 from swaa.rules import LayerRule
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -41,28 +41,28 @@ def error(output, expected):
 
 
 def check(attend, case, dtype, seed=0):
-    query, key, value, layout, expected_mask = make_inputs(case, device="cuda", dtype=dtype, seed=seed)
+    query, key, value, plan, expected_mask = make_inputs(case, device="cuda", dtype=dtype, seed=seed)
     scaling = case.head_dim**-0.5
     expected = reference_output(query.double(), key.double(), value.double(), expected_mask, scaling)
-    output, _ = attend(query, key, value, rule=case.rule, layout=layout, scaling=scaling)
-    plain, _ = reference.attend(query, key, value, rule=case.rule, layout=layout, scaling=scaling)
+    output, _ = attend(query, key, value, rule=case.rule, plan=plan, scaling=scaling)
+    plain, _ = reference.attend(query, key, value, rule=case.rule, plan=plan, scaling=scaling)
     assert not output.isnan().any()
     assert error(output, expected) <= 2 * error(plain, expected) + 1e-3, (error(output, expected), error(plain, expected))
 
 
 def check_gradients(attend, case, dtype, seed=0):
     """Output within 2x and dq, dk, dv within 3x plain PyTorch attention's error at ``dtype``."""
-    query, key, value, layout, expected_mask = make_inputs(case, device="cuda", dtype=dtype, seed=seed)
+    query, key, value, plan, expected_mask = make_inputs(case, device="cuda", dtype=dtype, seed=seed)
     scaling = case.head_dim**-0.5
     upstream = torch.randn(query.shape[0], query.shape[2], query.shape[1], query.shape[3],
                            generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     expected = output_and_gradients(lambda q, k, v: reference_output(q, k, v, expected_mask, scaling),
                                     query.double(), key.double(), value.double(), upstream)
     inputs = (query, key, value, upstream.to("cuda"))
-    got = output_and_gradients(lambda q, k, v: attend(q, k, v, rule=case.rule, layout=layout, scaling=scaling)[0],
+    got = output_and_gradients(lambda q, k, v: attend(q, k, v, rule=case.rule, plan=plan, scaling=scaling)[0],
                                *inputs)
     plain = output_and_gradients(
-        lambda q, k, v: reference.attend(q, k, v, rule=case.rule, layout=layout, scaling=scaling)[0], *inputs)
+        lambda q, k, v: reference.attend(q, k, v, rule=case.rule, plan=plan, scaling=scaling)[0], *inputs)
     for name, factor, actual, baseline, wanted in zip(["output", "dq", "dk", "dv"], [2, 3, 3, 3], got, plain, expected):
         assert not actual.isnan().any(), name
         assert error(actual, wanted) <= factor * error(baseline, wanted) + 1e-3, (name, error(actual, wanted),
@@ -105,8 +105,8 @@ def test_backend_gradients_equal_reference(attend, case, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [c for c in GPU_CASES if c.q_len == 1 or c.rule.is_full], ids=str)
 def test_sdpa_paths_equal_reference(case, dtype):
-    query, key, value, layout, _ = make_inputs(case, device="cuda", dtype=dtype)
-    if not sdpa.handles(query, case.rule, layout):
+    query, key, value, plan, _ = make_inputs(case, device="cuda", dtype=dtype)
+    if not sdpa.handles(query, case.rule, plan):
         pytest.skip("not an sdpa case")
     check(sdpa.attend, case, dtype)
 
@@ -116,14 +116,14 @@ def long_case(length, rule, batch_lengths=None, q_len=None, prompt_end=None):
     return Case(tuple(lengths), q_len, rule, prompt_end, heads=4, kv_heads=1, head_dim=128)
 
 
-def blockwise_reference(query, key, value, layout, rule, scaling, rows=2048):
+def blockwise_reference(query, key, value, plan, rule, scaling, rows=2048):
     """Float64 reference of long calls, a block of query rows at a time (the dense mask per block only)."""
     out = []
     for start in range(0, query.shape[2], rows):
-        part = Layout(layout.query_pos[:, start : start + rows], layout.key_pos,
-                      layout.query_generated[:, start : start + rows])
+        part = Plan(plan.query_pos[:, start : start + rows], plan.key_pos,
+                      plan.query_generated[:, start : start + rows])
         o, _ = reference.attend(query[:, :, start : start + rows].double(), key.double(), value.double(), rule=rule,
-                                layout=part, scaling=scaling)
+                                plan=part, scaling=scaling)
         out.append(o)
     return torch.cat(out, dim=1)
 
@@ -137,10 +137,10 @@ def test_long_sequences(attend, rule, length):
     q = torch.randn(batch, heads, length, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(batch, kv_heads, length, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(batch, kv_heads, length, d, device="cuda", dtype=torch.bfloat16)
-    layout = Layout.build(batch_size=1, q_len=length, past_len=0, device=torch.device("cuda"))
+    plan = plan_forward(batch_size=1, q_len=length, past_len=0, device=torch.device("cuda"))
     scaling = d**-0.5
-    expected = blockwise_reference(q, k, v, layout, rule, scaling)
-    output, _ = attend(q, k, v, rule=rule, layout=layout, scaling=scaling)
+    expected = blockwise_reference(q, k, v, plan, rule, scaling)
+    output, _ = attend(q, k, v, rule=rule, plan=plan, scaling=scaling)
     relative_error = ((output.double() - expected).norm() / expected.norm()).item()
     assert relative_error < 1e-2, relative_error  # bf16 operands: between 1e-3 and 1e-2
 

@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import swaa
-from swaa.cache import SWAAStaticCache
+from swaa.caches import SWAAStaticCache
 from swaa.rules import layer_rules
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
