@@ -134,6 +134,10 @@ def set_attention_implementation(config, name: str) -> None:
     config._attn_implementation_internal = name
 
 
+def attention_implementation(config) -> str | None:
+    return config._attn_implementation
+
+
 def supports_attention_interface(model) -> bool:
     """Whether ``model`` computes attention through transformers' AttentionInterface (and may switch it)."""
     return bool(model._supports_attention_backend and model._can_set_attn_implementation())

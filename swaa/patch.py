@@ -285,7 +285,7 @@ def _padding_mask(attention_mask):
 
 
 def _check_still_swaa(decoder: torch.nn.Module) -> None:
-    implementation = decoder.config._attn_implementation
+    implementation = compat.attention_implementation(decoder.config)
     if implementation != ATTENTION_NAME:
         raise ValueError(
             f"{type(decoder).__name__}'s attention implementation was switched to {implementation!r} after swaa"

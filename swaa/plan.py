@@ -201,7 +201,7 @@ def plan_forward(
     elif generate is not None:
         generated = cache_index >= torch.as_tensor(generate, device=device).reshape(-1, 1)
     elif prompt_len is None and labels is not None:
-        generated = _after_first_answer_label(_checked_labels(labels, batch_size, q_len, past_len), query_pos,
+        generated = _after_first_answer_label(_checked_labels(labels, batch_size, q_len), query_pos,
                                               keys.seq is not None)
     elif prompt_len is not None:
         if from_embeddings:
@@ -297,19 +297,14 @@ def _check_one_sequence_per_row(position_ids: torch.Tensor, real: torch.Tensor) 
         )
 
 
-def _checked_labels(labels, batch_size: int, q_len: int, past_len) -> torch.Tensor:
-    """Token labels of this forward's tokens, or a clear error: they say where answers start only over whole
-    sequences (no cache) and only when there is one label per token."""
+def _checked_labels(labels, batch_size: int, q_len: int) -> torch.Tensor:
+    """Token labels of this forward's tokens (one per token), or a clear error. Cached tokens (a reused prompt,
+    peft's prefix) come before them: prompt."""
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or tuple(labels.shape) != (batch_size, q_len):
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(
             f"labels of shape {shape}: swaa reads token labels (batch, tokens) = ({batch_size}, {q_len}), the prompt"
             " masked as -100, to find where each answer starts; pass prompt_len=<real prompt tokens per row> instead"
-        )
-    if not (isinstance(past_len, int) and past_len == 0):
-        raise ValueError(
-            "labels with a non-empty cache: swaa reads where answers start from labels over whole sequences; pass"
-            " prompt_len=<real prompt tokens per row, cached ones included> instead"
         )
     return labels
 

@@ -89,12 +89,16 @@ def reference_model(model):
     return copy_
 
 
-def logits(ref_model, input_ids, attention_mask, generated, fields, sequence_ids=None, position_rows=None):
-    """Teacher-forced logits (float64) of the whole sequence under the rules, no cache."""
+def logits(ref_model, input_ids, attention_mask, generated, fields, sequence_ids=None, position_rows=None,
+           rope_position_ids=None):
+    """Teacher-forced logits (float64) of the whole sequence under the rules, no cache. The model's position ids
+    are the rule's positions unless ``rope_position_ids`` are given (a chunk of a document at its offset)."""
     num_layers = ref_model.config.num_hidden_layers
     _MASKS.clear()
     _MASKS.update(layer_masks(attention_mask, generated, num_layers, fields, sequence_ids, position_rows))
-    if position_rows is None:
+    if rope_position_ids is not None:
+        position_ids = rope_position_ids
+    elif position_rows is None:
         position_ids = torch.tensor([[p or 0 for p in positions(row.tolist())] for row in attention_mask])
     else:
         position_ids = torch.tensor(position_rows)
