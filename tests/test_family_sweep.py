@@ -28,6 +28,20 @@ SMALL = dict(
     index_head_dim=16, index_n_heads=2, index_topk=4, n_group=1, topk_group=1,
 )
 MAX_PARAMETERS = 5_000_000  # defaults that do not shrink with the fields above are skipped, not built
+# The families the generic shrink could not build or run on transformers 5.17 and 5.25 (docs/families.md says
+# why, family by family). Any other family that is skipped fails the sweep: it was checked before.
+EXPECTED_SKIPS = frozenset({
+    "bailing_hybrid", "bamba", "bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "blt", "codegen",
+    "cohere_compass_text", "dbrx", "dory", "dots1", "dots3_note", "dots3_note_text", "falcon", "falcon_h1",
+    "falcon_mamba", "fuyu", "gemma3", "gemma3n", "gemma3n_text", "gemma4", "gemma4_assistant", "gemma4_text",
+    "gemma4_unified", "gemma4_unified_assistant", "gemma4_unified_text", "git", "got_ocr2", "gptj",
+    "granitemoehybrid", "hrm_text", "inkling2_loop_text", "inkling2_text", "jamba", "kimi_linear", "lfm2_moe",
+    "longcat_flash", "mamba", "mamba2", "marian", "mbart", "moss_transcribe_diarize", "musicgen",
+    "musicgen_melody", "mvp", "olmo_hybrid", "pegasus", "phi4_multimodal", "plbart", "prophetnet", "qwen3_5",
+    "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_next", "qwen4_exp", "qwen4_exp_text",
+    "recurrent_gemma", "reformer", "roc_bert", "rwkv", "whisper", "xglm", "xlnet", "xlstm", "xmod", "zamba",
+    "zamba2",
+})
 
 
 def tiny(model_type: str):
@@ -84,6 +98,7 @@ def test_a_rule_that_changes_nothing_changes_nothing_or_fails_loudly(model_type)
     warnings.filterwarnings("ignore")
     kind, detail = outcome(model_type)
     assert kind != "DIFFERENT", f"{model_type}: swaa silently changes this model's output ({detail})"
+    assert kind != "skipped" or model_type in EXPECTED_SKIPS, f"{model_type} was checked before, now skipped: {detail}"
 
 
 if __name__ == "__main__":
