@@ -52,22 +52,22 @@ def forward_rows() -> list[dict]:
     from torch.nn.attention.flex_attention import flex_attention
 
     from swaa.backends import flex
-    from swaa.bench import cuda_seconds
-    from swaa.layout import Layout
+    from bench import cuda_seconds
+    from swaa.plan import plan_forward
     from swaa.rules import LayerRule
 
     rule = LayerRule(WINDOW, SINK)
     rows = []
     length = 131072
     q, k, v = inputs(length)
-    layout = Layout.build(batch_size=1, q_len=length, past_len=0, device=torch.device("cuda"))
+    layout = plan_forward(batch_size=1, q_len=length, past_len=0, device=torch.device("cuda"))
     mask = flex.block_mask(rule, layout)
     for dynamic in (False, True):
         for name, options in {"default": None, "BLOCK_M/N 128": {"BLOCK_M": 128, "BLOCK_N": 128}}.items():
             compiled = torch.compile(flex_attention, dynamic=dynamic)
             if dynamic:  # let it see another length first, as in real use
                 q2, k2, v2 = inputs(40960)
-                layout2 = Layout.build(batch_size=1, q_len=40960, past_len=0, device=torch.device("cuda"))
+                layout2 = plan_forward(batch_size=1, q_len=40960, past_len=0, device=torch.device("cuda"))
                 compiled(q2, k2, v2, block_mask=flex.block_mask(rule, layout2), scale=HEAD_DIM**-0.5,
                          enable_gqa=True, kernel_options=options)
             ms = 1e3 * cuda_seconds(lambda: compiled(q, k, v, block_mask=mask, scale=HEAD_DIM**-0.5, enable_gqa=True,
@@ -82,10 +82,10 @@ def forward_rows() -> list[dict]:
             attention_mask = torch.zeros(len(batch_lengths), total, dtype=torch.long, device="cuda")
             for row, n in enumerate(batch_lengths):
                 attention_mask[row, total - n:] = 1
-            fresh = Layout.build(batch_size=len(batch_lengths), q_len=total, past_len=0, device=torch.device("cuda"),
+            fresh = plan_forward(batch_size=len(batch_lengths), q_len=total, past_len=0, device=torch.device("cuda"),
                                  attention_mask=attention_mask)
             q, k, v = inputs(total, len(batch_lengths))
-            flex.attend(q, k, v, rule=rule, layout=fresh, scaling=HEAD_DIM**-0.5)
+            flex.attend(q, k, v, rule=rule, plan=fresh, scaling=HEAD_DIM**-0.5)
         torch.cuda.synchronize()
         rows.append(dict(section="fresh layouts", options=name,
                          new_graphs=counters["stats"]["unique_graphs"] - before, ms=1e3 * (time.perf_counter() - start)))
@@ -108,14 +108,14 @@ def backward_rows(length: int, answer: int, save) -> list[dict]:
     from torch.nn.attention.flex_attention import flex_attention
 
     from swaa.backends import flex
-    from swaa.bench import cuda_seconds
-    from swaa.layout import Layout
+    from bench import cuda_seconds
+    from swaa.plan import plan_forward
     from swaa.rules import LayerRule
 
     q, k, v = inputs(length, grad=True)
     grad = torch.randn_like(q)
     rule = LayerRule(WINDOW, SINK, True)
-    layout = Layout.build(batch_size=1, q_len=length, past_len=0, device=torch.device("cuda"),
+    layout = plan_forward(batch_size=1, q_len=length, past_len=0, device=torch.device("cuda"),
                           prompt_len=length - answer)
     mask = flex.block_mask(rule, layout)
     scale = HEAD_DIM**-0.5

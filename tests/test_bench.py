@@ -1,13 +1,16 @@
-"""python -m swaa.bench keeps working: its --smoke run (tiny model, CPU) writes JSON, a plot and tables."""
+"""benchmarks/bench.py keeps working: its --smoke run (tiny model, CPU) writes JSON, a plot and tables."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 from transformers.cache_utils import StaticLayer
 
-from swaa import bench
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench  # noqa: E402
 
 
 def test_bench_smoke_writes_results(tmp_path, capsys):

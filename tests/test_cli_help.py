@@ -18,6 +18,7 @@ CLIS = {  # name: (how runpy runs it, target)
     "python -m swaa.tiny": ("module", "swaa.tiny"),
     "examples/finetune_lora.py": ("path", "examples/finetune_lora.py"),
     "examples/reproduce/reproduce.py": ("path", "examples/reproduce/reproduce.py"),
+    "benchmarks/bench.py": ("path", "benchmarks/bench.py"),
     "benchmarks/cache_memory.py": ("path", "benchmarks/cache_memory.py"),
     "benchmarks/flex_tuning.py": ("path", "benchmarks/flex_tuning.py"),
     "benchmarks/fsdp_speed.py": ("path", "benchmarks/fsdp_speed.py"),

@@ -16,26 +16,16 @@ import pytest
 import torch
 from reference import logits as reference_logits
 from reference import reference_model
+from test_cache import assert_same_generation as assert_same_steps
 from test_generate import assert_logits_equal
+from test_static_cache import NEW, generate
 from tiny import _COMMON, left_padded, tiny_model
 from transformers import GenerationConfig
 
 import swaa
 
 FIELDS = dict(window=3, sink=1, interleave=3)  # FA decode on: where the prompt ends matters
-NEW = 5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def generate(model, ids, mask, new=NEW, **kwargs):
-    return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_logits=True,
-                          return_dict_in_generate=True, **kwargs)
-
-
-def assert_same_steps(actual, expected):
-    assert torch.equal(actual.sequences, expected.sequences)
-    for got, wanted in zip(actual.logits, expected.logits):
-        assert_logits_equal(got, wanted)
 
 
 # ------------------------------------------------------------------------- a generate swaa does not control
@@ -272,9 +262,9 @@ def test_a_pickled_patched_model_loads_back_patched(tmp_path):
     assert_same_steps(generate(loaded, ids, mask), expected)
     assert loaded._prefill.model is loaded  # bound to the loaded model, not the pickled one
     path = tmp_path / "model.pt"
-    torch.save({"model": model, "ids": ids, "mask": mask, "sequences": expected.sequences}, path)
+    torch.save({"model": model, "ids": ids, "mask": mask, "new": NEW, "sequences": expected.sequences}, path)
     script = ("import sys, torch; data = torch.load(sys.argv[1], weights_only=False); m = data['model'];"
-              "out = m.generate(data['ids'], attention_mask=data['mask'], max_new_tokens=5, do_sample=False);"
+              "out = m.generate(data['ids'], attention_mask=data['mask'], max_new_tokens=data['new'], do_sample=False);"
               "assert torch.equal(out, data['sequences']); print('ok')")
     result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])})

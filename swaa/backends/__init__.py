@@ -31,12 +31,11 @@ def _announce(name: str, device: torch.device, why: str) -> None:
 
 def check_available(name: str, device: torch.device) -> None:
     """Raise if backend ``name`` cannot run on ``device``: never fall back to another pattern silently."""
+    works_here = "'auto' or 'flex'" if device.type == "cuda" else "'auto' or 'reference'"
     if name == "flex" and device.type != "cuda":
-        raise RuntimeError(
-            f"backend='flex' cannot run on {device.type}: it needs a CUDA GPU; use backend='reference' or 'auto'"
-        )
+        raise RuntimeError(f"backend='flex' cannot run on {device.type}: it needs a CUDA GPU; use backend={works_here}")
     if name == "flash" and (reason := flash.available(device)):
-        raise RuntimeError(f"backend='flash' cannot run on {device.type}: {reason}; use backend='flex' or 'auto'")
+        raise RuntimeError(f"backend='flash' cannot run on {device.type}: {reason}; use backend={works_here}")
 
 
 def select(name: str, query: torch.Tensor, value: torch.Tensor, rule: LayerRule, plan: Plan,

@@ -1,4 +1,4 @@
-"""Speed and memory of SWAA against full attention, in one run: ``python -m swaa.bench``.
+"""Speed and memory of SWAA against full attention, in one run: ``python benchmarks/bench.py``.
 
 A Qwen3-4B-shaped model with random weights built from its config (no download), bf16, batch 1. Tables:
 the attention kernels alone (time, effective TFLOP/s counted over the pairs the mask keeps, decode
@@ -19,17 +19,48 @@ import datetime
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import NamedTuple
 
-import torch
-import transformers
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
-import swaa
-from swaa.backends import flash, flex, reference, sdpa
-from swaa.plan import plan_forward
-from swaa.rules import LayerRule, forgets_old_keys, kept_keys, layer_rules, visible_pairs
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=None,
+                        help="prompt lengths of the kernel and time-to-first-token tables (default 16k to 128k; 64 and"
+                        " 160 with --smoke)")
+    parser.add_argument("--out", default="bench.json", help="JSON results")
+    parser.add_argument("--plot", default=None, help="PNG of the speed-up against context length")
+    parser.add_argument("--skip-kernels", action="store_true", help="leave out the attention-kernel tables")
+    parser.add_argument("--skip-model", action="store_true", help="leave out the time-to-first-token table")
+    parser.add_argument("--decode", type=int, nargs="*", default=None, metavar="LENGTH",
+                        help="time per output token at these context lengths (no value: 4096 32768 131072)")
+    parser.add_argument("--paths", nargs="+", default=None, metavar="TEXT",
+                        help="decode paths whose name contains one of these (default: all)")
+    parser.add_argument("--e2e-paths", nargs="+", default=None, metavar="TEXT",
+                        help="end-to-end paths whose name contains one of these (default: all)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens timed per decode measurement")
+    parser.add_argument("--e2e", type=int, nargs=2, default=None, metavar=("PROMPT", "NEW"),
+                        help="total generate time for a PROMPT-token prompt and NEW new tokens (e.g. 131072 512)")
+    parser.add_argument("--profile", metavar="FILE", help="profile one more generate per decode row; kernels to FILE")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, for tests")
+    return parser
+
+
+if __name__ == "__main__":
+    _parser().parse_args()  # --help and a mistyped option answer before torch loads
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import swaa  # noqa: E402
+from swaa.backends import flash, flex, reference, sdpa  # noqa: E402
+from swaa.plan import plan_forward  # noqa: E402
+from swaa.rules import LayerRule, forgets_old_keys, kept_keys, layer_rules, visible_pairs  # noqa: E402
+from swaa.tables import markdown_table  # noqa: E402
 
 WINDOW, SINK = 2048, 100
 SWAA_CONFIGS = {
@@ -326,14 +357,6 @@ def _counted(measure) -> dict:
     return dict(row, **{name: count - before[name] for name, count in _compile_counts().items()})
 
 
-def markdown(rows: list[dict], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = [f"{row.get(c):.3g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def speedups(rows: list[dict]) -> list[dict]:
     """Each SWAA config's TTFT and peak memory against full attention (sdpa) at the same length, same run."""
     full = {r["length"]: r for r in rows if r["config"] == "full attention (sdpa)"}
@@ -379,24 +402,7 @@ def _select(paths: dict, wanted: list[str] | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536, 131072],
-                        help="prompt lengths of the kernel and time-to-first-token tables")
-    parser.add_argument("--out", default="bench.json", help="JSON results")
-    parser.add_argument("--plot", default=None, help="PNG of the speed-up against context length")
-    parser.add_argument("--skip-kernels", action="store_true", help="leave out the attention-kernel tables")
-    parser.add_argument("--skip-model", action="store_true", help="leave out the time-to-first-token table")
-    parser.add_argument("--decode", type=int, nargs="*", default=None, metavar="LENGTH",
-                        help="time per output token at these context lengths (no value: 4096 32768 131072)")
-    parser.add_argument("--paths", nargs="+", default=None, metavar="TEXT",
-                        help="decode paths whose name contains one of these (default: all)")
-    parser.add_argument("--e2e-paths", nargs="+", default=None, metavar="TEXT",
-                        help="end-to-end paths whose name contains one of these (default: all)")
-    parser.add_argument("--new-tokens", type=int, default=64, help="tokens timed per decode measurement")
-    parser.add_argument("--e2e", type=int, nargs=2, default=None, metavar=("PROMPT", "NEW"),
-                        help="total generate time for a PROMPT-token prompt and NEW new tokens (e.g. 131072 512)")
-    parser.add_argument("--profile", metavar="FILE", help="profile one more generate per decode row; kernels to FILE")
-    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, for tests")
+    parser = _parser()
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("measures a 4B-parameter model on a CUDA GPU, and this machine has none; --smoke runs a tiny"
@@ -410,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = Qwen3ForCausalLM(Qwen3Config(**(TINY if args.smoke else QWEN3_4B))).to(dtype).eval()
     model.set_attn_implementation("sdpa")
     configs = {"full attention (sdpa)": None, **SWAA_CONFIGS}
-    lengths = [64, 160] if args.smoke else args.lengths
+    lengths = args.lengths or ([64, 160] if args.smoke else [16384, 32768, 65536, 131072])
     decode_lengths = ([96] if args.smoke else [4096, 32768, 131072]) if args.decode == [] else args.decode or []
     result = dict(
         date=datetime.date.today().isoformat(),
@@ -441,17 +447,17 @@ def main(argv: list[str] | None = None) -> dict:
              f" {str(dtype).removeprefix('torch.')}, window {WINDOW}, sink {SINK}")
     print(f"\n{result['gpu']}, torch {result['torch']}, transformers {result['transformers']}, {result['date']}")
     if result["kernels"]:
-        print(markdown([r for r in result["kernels"] if "tflops" in r], ["length", "kernel", "ms", "tflops"]))
-        print(markdown([r for r in result["kernels"] if "us" in r], ["length", "kernel", "us", "read_floor_us"]))
+        print(markdown_table(["length", "kernel", "ms", "tflops"], [r for r in result["kernels"] if "tflops" in r]))
+        print(markdown_table(["length", "kernel", "us", "read_floor_us"], [r for r in result["kernels"] if "us" in r]))
     if result["model"]:
-        print(markdown(result["model"], ["config", "length", "ttft_s", "peak_gib", "compiled_graphs"]))
-        print(markdown(result["speedups"], ["config", "length", "ttft_speedup", "memory_ratio"]))
+        print(markdown_table(["config", "length", "ttft_s", "peak_gib", "compiled_graphs"], result["model"]))
+        print(markdown_table(["config", "length", "ttft_speedup", "memory_ratio"], result["speedups"]))
     if result["decode"]:
-        print(markdown(result["decode"], ["path", "length", "tpot_ms", "floor_ms", "over_floor", "first_step_ms", "ttft_s",
-                                          "compiled_graphs", "cudagraph_skips", "error"]))
+        print(markdown_table(["path", "length", "tpot_ms", "floor_ms", "over_floor", "first_step_ms", "ttft_s",
+                              "compiled_graphs", "cudagraph_skips", "error"], result["decode"]))
     if result["end_to_end"]:
-        print(markdown(result["end_to_end"], ["path", "length", "new_tokens", "seconds", "ttft_s", "tpot_ms", "first_step_ms",
-                                              "error"]))
+        print(markdown_table(["path", "length", "new_tokens", "seconds", "ttft_s", "tpot_ms", "first_step_ms",
+                              "error"], result["end_to_end"]))
     return result
 
 
