@@ -11,9 +11,12 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, s
     local name=$1 seconds=$2; shift 2
     timeout "$seconds" "$@" > "$OUT/$name.log" 2>&1; echo "== $name exit $?"
 }
-# the compiled-decode tests compile every config afresh: that file alone took about 12 minutes on an H200
-[ -n "${SKIP_TESTS:-}" ] || { step gpu_tests 1800 python3 -m pytest -q tests/gpu -p no:cacheprovider -k "${TESTS:-}";
-    grep -E "passed|failed|^E " "$OUT/gpu_tests.log" | tail -8; }
+# the compiled-decode tests compile every config afresh (12 minutes on an H200 one at a time): 4 processes share
+# the GPU (pytest-xdist), and the long-sequence tests, which need tens of GiB each, run alone after them
+[ -n "${SKIP_TESTS:-}" ] || { step gpu_tests 1800 python3 -m pytest -q tests/gpu -p no:cacheprovider -n 4 \
+    -k "not long_sequences ${TESTS:+and $TESTS}"; grep -E "passed|failed|^E " "$OUT/gpu_tests.log" | tail -8
+    step gpu_long_tests 600 python3 -m pytest -q tests/gpu -p no:cacheprovider -k long_sequences
+    grep -E "passed|failed|^E " "$OUT/gpu_long_tests.log" | tail -8; }
 [ -n "${SKIP_MODEL:-}" ] || { step model 300 python3 benchmarks/bench.py --skip-kernels --lengths ${LENGTHS:-16384 32768 65536 131072} \
     --out "$OUT/model.json" --plot "$OUT/speedup.png"; tail -28 "$OUT/model.log"; }
 # the decode table's cudagraph_skips column counts compiled steps run without CUDA graphs; TORCH_LOGS=cudagraphs
