@@ -76,7 +76,7 @@ def attention(query, key, value, mask, scaling):
 
 def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     output, weights = attention(query, key, value, _MASKS[module.layer_idx], scaling)
-    return output.transpose(1, 2).to(query.dtype), weights.to(query.dtype)
+    return output.transpose(1, 2).contiguous().to(query.dtype), weights.to(query.dtype)
 
 
 AttentionInterface.register("swaa_test_reference", _reference_attention)

@@ -1,7 +1,9 @@
 """Every causal language model family in the installed transformers, built tiny from its default config:
 a rule that changes nothing (window longer than the prompt, every layer SWA) must give the unpatched model's
 logits exactly, or fail loudly (refused at patch time, or an error at the first forward). Never a silently
-different answer. ``python tests/test_family_sweep.py`` prints the table kept in docs/families.md."""
+different answer. Where it is exact, ``generate`` with a rule that changes everything (window 3, a sink, odd
+layers full, FA decode) must follow the float64 reference of the rules step by step, left padding included.
+``python tests/test_family_sweep.py`` prints the table kept in docs/families.md."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import warnings
 
 import pytest
 import torch
+from reference import reference_model
+from test_generate import run_and_compare
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -99,6 +103,13 @@ def test_a_rule_that_changes_nothing_changes_nothing_or_fails_loudly(model_type)
     kind, detail = outcome(model_type)
     assert kind != "DIFFERENT", f"{model_type}: swaa silently changes this model's output ({detail})"
     assert kind != "skipped" or model_type in EXPECTED_SKIPS, f"{model_type} was checked before, now skipped: {detail}"
+    if kind == "exact":
+        model = tiny(model_type)
+        model.generation_config.eos_token_id = None  # random weights: a stop token would end the comparison early
+        ids = torch.randint(3, 60, (2, 9), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0
+        run_and_compare(model, reference_model(model), dict(window=3, sink=1, interleave=2), ids, mask, new=4)
 
 
 if __name__ == "__main__":
