@@ -116,7 +116,7 @@ class RingSlots:
         # the row's latest position (the scratch slot only ever holds positions seen before, never later ones)
         last = torch.maximum(self.positions.amax(-1, keepdim=True), incoming.amax(-1, keepdim=True))
         later = (incoming >= 0) & still_visible(self.rule, incoming, last + 1)
-        slot = ring_slot(self.rule, incoming, self.slots - self.rule.sink)
+        slot = ring_slot(self.rule, incoming, self.slots)
         self.write_index = torch.where(later, slot, self.slots)
         key_pos = torch.cat([held, incoming], dim=-1)
         self.positions.scatter_(1, self.write_index, incoming)

@@ -183,10 +183,11 @@ def still_visible(rule: LayerRule, key_pos, next_query_pos):
     return (key_pos < rule.sink) | (key_pos >= window_start(rule, next_query_pos))
 
 
-def ring_slot(rule: LayerRule, key_pos: torch.Tensor, ring: int) -> torch.Tensor:
-    """Slot of a key in a cache layer of ``rule.sink + ring`` slots: sink ``p`` in slot ``p``, a later key in a
-    ring of ``ring`` slots after them (``ring`` consecutive positions never share a slot)."""
-    return torch.where(key_pos < rule.sink, key_pos, rule.sink + (key_pos - rule.sink) % max(ring, 1))
+def ring_slot(rule: LayerRule, key_pos: torch.Tensor, slots: int) -> torch.Tensor:
+    """Slot of a key in a cache layer of ``slots`` slots: sink ``p`` in slot ``p``, a later key in a ring of the
+    slots after the sinks (as many consecutive positions as the ring has slots never share one)."""
+    ring = max(slots - rule.sink, 1)
+    return torch.where(key_pos < rule.sink, key_pos, rule.sink + (key_pos - rule.sink) % ring)
 
 
 def visible_pairs(rule: LayerRule, length: int) -> int:

@@ -68,7 +68,7 @@ def test_a_cache_forgets_only_keys_no_later_query_sees(rule):
     for next_query in range(3 * LENGTH):
         needed = [j for j in range(next_query) if still_visible(rule, j, next_query)]
         assert len(needed) <= kept_keys(rule)
-        slots = ring_slot(rule, torch.tensor(needed, dtype=torch.long), kept_keys(rule) - rule.sink)
+        slots = ring_slot(rule, torch.tensor(needed, dtype=torch.long), kept_keys(rule))
         assert len(set(slots.tolist())) == len(needed) and all(0 <= s < kept_keys(rule) for s in slots.tolist())
 
 
