@@ -250,3 +250,20 @@ def test_import_initialises_no_cuda_and_no_optional_package():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_attn_implementation_swaa_alone_says_to_call_patch_model(tmp_path):
+    """``from_pretrained(..., attn_implementation="swaa")`` patches nothing: the first forward says what to do
+    (swaa registers its name as soon as it is imported beside transformers)."""
+    model = tiny_model("qwen3")
+    model.save_pretrained(tmp_path)
+    code = (
+        "import sys, torch, transformers, swaa\n"
+        f"model = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, attn_implementation='swaa')\n"
+        "try:\n"
+        "    model(torch.ones(1, 4, dtype=torch.long))\n"
+        "except RuntimeError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "call swaa.patch_model(model)" in result.stdout, result.stderr[-2000:]
