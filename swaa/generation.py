@@ -55,9 +55,10 @@ def prepare_cache_for_generation(model, state, generation_config, model_kwargs: 
     keeps_every_key = compat.rolls_back(generation_config, generation_mode) or not state.config.bounded_cache
     type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, generation_mode, *args)
     cache = compat.cache_argument(model_kwargs)
-    if type(cache) is DynamicCache and not compat.is_user_cache(cache):
+    made_here = cache is not None and not compat.is_user_cache(cache)
+    if type(cache) is DynamicCache and made_here:
         compat.set_cache_argument(model_kwargs, new_cache(state.rules, not keeps_every_key))
-    elif isinstance(cache, SWAAStaticCache) and cache.ring is not None and keeps_every_key:
+    elif isinstance(cache, SWAAStaticCache) and cache.ring is not None and keeps_every_key and made_here:
         # allocated at its first forward (a chunked prefill may then compile once more)
         compat.set_cache_argument(model_kwargs, SWAAStaticCache(state.rules, cache.get_max_length(), False))
     elif cache is not None:
