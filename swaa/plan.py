@@ -192,6 +192,8 @@ def plan_forward(
     cache_index = torch.arange(q_len, device=device) + past_len  # (q_len,): cache slot of each query
     query_pos = keys.pos.index_select(1, cache_index)
     query_seq = None if keys.seq is None else keys.seq.index_select(1, cache_index)
+    if attention_mask is not None and position_ids is not None and q_len > 1 and not torch.compiler.is_compiling():
+        _check_one_sequence_per_row(position_ids, query_pos >= 0)
 
     may_be_generated = None
     if isinstance(generate, Prefill):
@@ -246,8 +248,6 @@ def _key_positions(batch_size, q_len, past_len, device, key_slots, attention_mas
             real = torch.nn.functional.pad(real, (0, key_slots - real.shape[1]))
         if static:
             real = real & (slot < past_len + q_len)
-        if position_ids is not None and q_len > 1 and not torch.compiler.is_compiling():
-            _check_one_sequence_per_row(position_ids, real[:, real.shape[1] - q_len if not static else past_len:][:, :q_len])
         return _Keys(torch.where(real, real.long().cumsum(-1) - 1, -1), None, None)
     if packed:
         if not (isinstance(past_len, int) and past_len == 0):
