@@ -5,16 +5,16 @@
     model.generate(**inputs)
 
 The patch functions import torch and transformers on first use, not with the package: a command line
-tool built on swaa answers ``--help`` without loading them. Where transformers is loaded already, swaa's
-attention is registered at once, so that ``attn_implementation="swaa"`` (which alone patches nothing) meets
-swaa's message saying to call ``swaa.patch_model`` rather than transformers' list of implementations.
+tool built on swaa answers ``--help`` without loading them. Where torch and transformers are loaded already,
+swaa's attention is registered at once, so that ``attn_implementation="swaa"`` (which alone patches nothing)
+meets swaa's message saying to call ``swaa.patch_model`` rather than transformers' list of implementations.
 """
 
 import sys
 
 from .config import SWAAConfig
 
-if "transformers" in sys.modules:
+if "torch" in sys.modules and "transformers" in sys.modules:
     from . import attention  # noqa: F401  (registers "swaa" with transformers)
 
 _PATCH_NAMES = ("describe", "get_config", "is_patched", "patch_model", "patched", "unpatch_model")

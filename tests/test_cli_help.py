@@ -33,6 +33,8 @@ PROBE = """
 import contextlib, io, json, runpy, sys
 report = {}
 for name, (kind, target) in json.loads(sys.argv[1]).items():
+    for module in [m for m in sys.modules if m == "swaa" or m.startswith("swaa.")]:
+        del sys.modules[module]  # each tool imports swaa afresh, beside what earlier tools loaded
     before = set(sys.modules)
     sys.argv = [target, "--help"]
     out = io.StringIO()
