@@ -7,6 +7,7 @@ README ("Serving with vLLM") has the command that installs it and runs these."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -77,12 +78,20 @@ def serve(model: str, rounds: list, llm: dict | None = None, new: int = NEW, env
     return json.loads(line.removeprefix(RESULT))
 
 
-def patched_generate(model_dir: str, prompt: list[int], new: int) -> tuple[list[int], list[float]]:
-    """The same prompt through transformers, swaa.patch_model (the saved config) and greedy generate."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
+@functools.cache
+def _patched(model_dir: str):
+    """The checkpoint through transformers and swaa.patch_model (its saved config), loaded once per test run."""
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    swaa.patch_model(model)
+    return swaa.patch_model(model)
+
+
+def patched_generate(model_dir: str, prompt: list[int], new: int) -> tuple[list[int], list[float]]:
+    """The same prompt through the patched checkpoint's greedy generate."""
+    from transformers import GenerationConfig
+
+    model = _patched(model_dir)
     ids = torch.tensor([prompt])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), output_logits=True, return_dict_in_generate=True,
                          generation_config=GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=None,
