@@ -58,6 +58,9 @@ class SWAAConfig:
             of failing; set for configs in the authors' format, whose lists run past small models.
         bounded_cache: SWA layers without FA decode keep only their sinks and last ``window - 1`` keys in
             the KV cache (exact: no later query sees the others). False keeps every token in every layer.
+        compile_prefill: forwards of several queries without gradients (a prompt, its chunks, scoring) run
+            the decoder through ``torch.compile`` with dynamic shapes: one compilation per process serves
+            every length (``swaa.prefill``). Not with backend "flash", which plans its calls on the host.
     """
 
     window: int
@@ -69,6 +72,7 @@ class SWAAConfig:
     backend: str = "auto"
     drop_layers_beyond_depth: bool = False
     bounded_cache: bool = True
+    compile_prefill: bool = False
 
     def __post_init__(self):
         for name in ("window", "sink", "interleave", "interleave_offset"):  # numpy ints become ints (JSON)
@@ -105,6 +109,13 @@ class SWAAConfig:
             raise TypeError(f"drop_layers_beyond_depth={self.drop_layers_beyond_depth!r}: must be a bool")
         if not isinstance(self.bounded_cache, bool):
             raise TypeError(f"bounded_cache={self.bounded_cache!r}: must be a bool")
+        if not isinstance(self.compile_prefill, bool):
+            raise TypeError(f"compile_prefill={self.compile_prefill!r}: must be a bool")
+        if self.compile_prefill and self.backend == "flash":
+            raise ValueError(
+                "compile_prefill=True with backend='flash': flash plans its calls on the host and cannot run in a"
+                " compiled forward; use backend='auto' or 'flex' (FlexAttention compiles into the prefill)"
+            )
         if self.full_attention_layers is not None and isinstance(self.fa_decode, tuple):
             both = sorted(set(self.full_attention_layers) & set(self.fa_decode))
             if both:

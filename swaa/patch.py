@@ -6,6 +6,8 @@ What a patch does to one model instance, and unpatch undoes:
   layer as a kwarg; a pre-hook on a language-model head passes its token labels down to it;
 - the generation methods of ``generation.INSTALLED`` go on the instance: swaa's caches, the prompt boundary,
   and refusals of what would silently drop the patch (switching attention, continuous batching);
+- with ``compile_prefill``, the decoder's ``forward`` dispatches forwards of several queries to a compiled
+  one (``prefill``);
 - ``model.config.swaa`` holds the config, so ``save_pretrained`` keeps it.
 Weights are never touched.
 """
@@ -29,6 +31,7 @@ from .caches import SWAACache, SWAAStaticCache, check_cache, new_cache, static_k
 from .config import SWAAConfig
 from .generation import INSTALLED, InstanceMethod
 from .plan import GENERATE_KWARG, PROMPT_LEN_KWARG, plan_forward
+from .prefill import decoder_forward
 from .rules import LayerRule, describe_rules, layer_rules
 
 logger = logging.getLogger("swaa")
@@ -168,6 +171,13 @@ def patch_model(model, config: SWAAConfig | dict | None = None, **fields):
     rules = layer_rules(config, num_layers)
     backends.check_available(config.backend, target.device)
     decoder = _decoder(target)
+    replaced_forward = vars(decoder).get("forward")
+    if config.compile_prefill and replaced_forward is not None and not isinstance(replaced_forward, InstanceMethod):
+        raise ValueError(
+            f"compile_prefill=True: {type(decoder).__name__}.forward is already replaced on this instance (accelerate's"
+            " device map or offloading hooks, or another patch), and swaa compiles the class's forward; load the"
+            " model on one device, or leave compile_prefill off"
+        )
     if previous is not None:
         unpatch_model(target)
 
@@ -182,6 +192,9 @@ def patch_model(model, config: SWAAConfig | dict | None = None, **fields):
         decoder.register_forward_pre_hook(functools.partial(_before_forward, state), with_kwargs=True)
     )
     state.hooks.append(decoder.register_forward_hook(functools.partial(_after_forward, state), with_kwargs=True))
+    if config.compile_prefill:
+        decoder.forward = InstanceMethod(decoder_forward, decoder, state)
+        state.methods.append((decoder, "forward"))
     for module in models:
         for name, function in INSTALLED.items():
             if hasattr(module, name) and (module is target or not name.startswith("_")):
@@ -267,7 +280,7 @@ def _forward_kwargs(decoder: torch.nn.Module, args: tuple, kwargs: dict) -> dict
     """The decoder's forward arguments, all by name."""
     if not args:
         return kwargs
-    bound = inspect.signature(decoder.forward).bind_partial(*args, **kwargs).arguments
+    bound = inspect.signature(type(decoder).forward.__get__(decoder)).bind_partial(*args, **kwargs).arguments
     return {**{k: v for k, v in bound.items() if k != "kwargs"}, **bound.get("kwargs", {})}
 
 

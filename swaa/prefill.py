@@ -1,0 +1,50 @@
+"""The compiled prefill (``SWAAConfig.compile_prefill``): the decoder's forward over several queries (a prompt,
+a chunk of one, a scoring forward) runs through ``torch.compile`` with dynamic shapes.
+
+transformers compiles only the decode step (one query, static shapes) and runs the prompt eagerly, where the
+model outside attention (norms, rotary, activations, residual adds: one kernel each, each reading and writing
+every token's states) costs as much as its matrix products at long contexts. Compiled, those fuse.
+
+One compiled forward per decoder class and process (``torch.compile`` of the class's forward, ``dynamic=True``)
+serves every prompt length, chunk size, cache length and instance of the class: lengths are symbolic, and the
+weights are the graph's inputs. Kinds of call compile once each: a whole prompt, a first and a later chunk, a
+dynamic or a static cache, one row or several (torch specializes sizes of 1); ``RECOMPILE_LIMIT`` leaves room
+for all of them (torch's default of 8 is shared by every transformers forward, which run one decorator's code). Inside it, swaa's attention runs as in the eager forward (the plan is built
+before, by the patch's pre-hook; the backends build their masks from it in the graph), so the result is the
+eager forward's. Forwards that record gradients (training) and single-query steps (decoding, which
+``generate`` compiles itself with a static cache) stay eager.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .attention import CONTEXT_KWARG
+
+
+COMPILE_OPTIONS = {"dynamic": True}
+RECOMPILE_LIMIT = 64
+
+
+@functools.cache
+def _compiled_forward(decoder_type: type):
+    return torch.compile(decoder_type.forward, **COMPILE_OPTIONS)
+
+
+def runs_compiled(query_count: int) -> bool:
+    """Whether a forward of ``query_count`` queries per row, under the current grad mode, takes the compiled
+    forward (when the patch asks for it)."""
+    return query_count > 1 and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def decoder_forward(decoder: torch.nn.Module, state, *args, **kwargs):
+    """Installed as the decoder's ``forward`` (after the patch's pre-hook, which put the plan in ``kwargs``)."""
+    if not runs_compiled(kwargs[CONTEXT_KWARG].plan.query_pos.shape[1]):
+        return type(decoder).forward(decoder, *args, **kwargs)
+    # a chunk's positions and mask are slices of the whole prompt's: contiguous, their strides do not differ
+    # between the first chunk and the next (each difference would be one more compiled variant)
+    kwargs = {name: value.contiguous() if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
+    with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+        return _compiled_forward(type(decoder))(decoder, *args, **kwargs)

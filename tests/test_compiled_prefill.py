@@ -1,0 +1,129 @@
+"""The compiled prefill (``compile_prefill=True``): the eager forward's tokens and logits in every family and
+cache, one compiled forward per kind of call that serves every prompt length and chunk size, eager where it
+must be (training, decode steps), and refused where it cannot run."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import swaa
+from swaa import prefill
+from tiny import FAMILIES, left_padded, tiny_model
+
+CONFIG = dict(window=8, sink=2, interleave=2)
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler(request, monkeypatch):
+    """Each test compiles afresh; through AOTAutograd without inductor (what dynamo traces is what this file
+    tests; inductor's C++ build costs about 30 s per graph on 2 cores), except where marked ``inductor``."""
+    if "inductor" not in request.keywords:
+        monkeypatch.setattr(prefill, "COMPILE_OPTIONS", {**prefill.COMPILE_OPTIONS, "backend": "aot_eager"})
+    torch._dynamo.reset()
+    counters.clear()
+    prefill._compiled_forward.cache_clear()
+    yield
+    prefill._compiled_forward.cache_clear()
+
+
+def compiled_graphs() -> int:
+    return int(counters["stats"]["unique_graphs"])
+
+
+def generate(model, rows, total, seed=0, **kwargs):
+    ids, mask = left_padded(rows, total, seed=seed)
+    return model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True, **kwargs)
+
+
+def assert_same(compiled, eager):
+    assert torch.equal(compiled.sequences, eager.sequences)
+    # float64 models, but every family's RMSNorm computes in float32: the compiled kernels round it elsewhere
+    assert max((c - e).abs().max().item() for c, e in zip(compiled.logits, eager.logits)) < 1e-6
+
+
+@pytest.fixture
+def pair():
+    """The same tiny Qwen3 patched twice: with the compiled prefill, and eagerly."""
+    compiled, eager = tiny_model("qwen3"), tiny_model("qwen3")
+    swaa.patch_model(compiled, **CONFIG, compile_prefill=True)
+    swaa.patch_model(eager, **CONFIG)
+    return compiled, eager
+
+
+def test_one_compilation_per_kind_of_call_serves_every_length_and_chunk_size(pair):
+    """Whole prompts, chunked prefill onto dynamic and static caches, one row and several with left padding,
+    bounded ring layers: the eager tokens; then other lengths, batch sizes and chunk sizes compile nothing more."""
+    compiled, eager = pair
+    kinds = [dict(), dict(prefill_chunk_size=16), dict(cache_implementation="static"),
+             dict(cache_implementation="static", prefill_chunk_size=8)]
+    for kind in kinds:
+        for rows in ([37, 30], [37]):
+            assert_same(generate(compiled, rows, 37, **kind), generate(eager, rows, 37, **kind))
+            assert compiled_graphs() >= 1
+    graphs = compiled_graphs()
+    for seed, kind in enumerate(kinds):
+        for rows, total in (([80, 61, 5], 80), ([53], 53)):
+            kind = {**kind, "prefill_chunk_size": 11 + seed} if "prefill_chunk_size" in kind else kind
+            assert_same(generate(compiled, rows, total, seed=seed + 1, **kind),
+                        generate(eager, rows, total, seed=seed + 1, **kind))
+    assert compiled_graphs() == graphs
+
+
+@pytest.mark.inductor
+def test_inductor_kernels_give_the_eager_tokens(pair):
+    """What users run: inductor's generated kernels (C++ here, Triton on a GPU: tests/gpu)."""
+    compiled, eager = pair
+    assert_same(generate(compiled, [41, 33], 41), generate(eager, [41, 33], 41))
+    assert compiled_graphs() == 1
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"qwen3"}))
+def test_every_family_compiles_its_prefill_without_graph_breaks(family):
+    compiled, eager = tiny_model(family), tiny_model(family)
+    swaa.patch_model(compiled, **CONFIG, compile_prefill=True)
+    swaa.patch_model(eager, **CONFIG)
+    assert_same(generate(compiled, [29, 20], 29), generate(eager, [29, 20], 29))
+    assert compiled_graphs() == 1 and not counters["graph_break"]
+
+
+def test_training_and_decode_steps_stay_eager(pair):
+    compiled, _ = pair
+    ids, _ = left_padded([20], 20)
+    compiled.train()
+    compiled(ids, labels=ids).loss.backward()  # gradients: eager
+    compiled.eval()
+    with torch.no_grad():
+        compiled(ids[:, :1])  # one query: eager (generate compiles decode steps itself, with a static cache)
+    assert compiled_graphs() == 0
+    with torch.no_grad():
+        compiled(ids)
+    assert compiled_graphs() == 1
+
+
+def test_copies_and_unpatch(pair):
+    compiled, eager = pair
+    expected = generate(eager, [25], 25)
+    for model in (copy.deepcopy(compiled), pickle.loads(pickle.dumps(compiled)), compiled):
+        assert_same(generate(model, [25], 25), expected)
+    swaa.unpatch_model(compiled)
+    assert "forward" not in vars(compiled.model)
+    assert swaa.get_config(compiled) is None
+
+
+def test_refused_where_it_cannot_run():
+    with pytest.raises(TypeError, match="compile_prefill='yes': must be a bool"):
+        swaa.SWAAConfig(window=8, compile_prefill="yes")
+    with pytest.raises(ValueError, match="compile_prefill=True with backend='flash'"):
+        swaa.SWAAConfig(window=8, compile_prefill=True, backend="flash")
+    model = tiny_model("llama")
+    original = model.model.forward
+    model.model.forward = lambda *args, **kwargs: original(*args, **kwargs)  # as accelerate's hooks do
+    with pytest.raises(ValueError, match="LlamaModel.forward is already replaced"):
+        swaa.patch_model(model, **CONFIG, compile_prefill=True)
+    assert not swaa.is_patched(model) and model.config._attn_implementation != "swaa"
