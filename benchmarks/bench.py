@@ -68,6 +68,8 @@ SWAA_CONFIGS = {
     "FA decode": dict(),
     "FA decode + interleave 2": dict(interleave=2),
     "FA decode + interleave 4": dict(interleave=4),
+    "SWA (no FA decode), compiled prefill": dict(fa_decode=False, compile_prefill=True),
+    "FA decode + interleave 2, compiled prefill": dict(interleave=2, compile_prefill=True),
 }
 QWEN3_4B = dict(
     vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,

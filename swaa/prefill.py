@@ -46,5 +46,8 @@ def decoder_forward(decoder: torch.nn.Module, state, *args, **kwargs):
     # a chunk's positions and mask are slices of the whole prompt's: contiguous, their strides do not differ
     # between the first chunk and the next (each difference would be one more compiled variant)
     kwargs = {name: value.contiguous() if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
-    with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+    # no duck sizing: a batch of 2 is not the model's 2 KV heads, nor a chunk of 16 a cache of 16 (each equal pair
+    # seen at the first compilation would become a guard, and another chunk size a recompilation)
+    with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)), \
+            torch.fx.experimental._config.patch(use_duck_shape=False):
         return _compiled_forward(type(decoder))(decoder, *args, **kwargs)
