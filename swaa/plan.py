@@ -130,10 +130,11 @@ class Plan:
         (no host sync in a compiled step); else ``look()`` at the tensors once per plan (one host sync)."""
         if known is not None:
             return known
+        if name in self.memo:  # looked at before a compiled forward (swaa.prefill): a constant of its graph
+            return self.memo[name]
         if torch.compiler.is_compiling():
             return compiling
-        if name not in self.memo:
-            self.memo[name] = look()
+        self.memo[name] = look()
         return self.memo[name]
 
     def mask(self, rule: LayerRule) -> torch.Tensor:

@@ -46,6 +46,8 @@ def decoder_forward(decoder: torch.nn.Module, state, *args, **kwargs):
     # a chunk's positions and mask are slices of the whole prompt's: contiguous, their strides do not differ
     # between the first chunk and the next (each difference would be one more compiled variant)
     kwargs = {name: value.contiguous() if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
+    plan = kwargs[CONTEXT_KWARG].plan
+    plan.plain(), plan.any_generated()  # looked at once here, as the eager forward does: plain full layers keep sdpa
     # no duck sizing: a batch of 2 is not the model's 2 KV heads, nor a chunk of 16 a cache of 16 (each equal pair
     # seen at the first compilation would become a guard, and another chunk size a recompilation)
     with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)), \
