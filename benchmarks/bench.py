@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", default=None, help="PNG of the speed-up against context length")
     parser.add_argument("--skip-kernels", action="store_true", help="leave out the attention-kernel tables")
     parser.add_argument("--skip-model", action="store_true", help="leave out the time-to-first-token table")
+    parser.add_argument("--configs", nargs="+", default=None, metavar="TEXT",
+                        help="time-to-first-token configs whose name contains one of these (default: all)")
     parser.add_argument("--decode", type=int, nargs="*", default=None, metavar="LENGTH",
                         help="time per output token at these context lengths (no value: 4096 32768 131072)")
     parser.add_argument("--paths", nargs="+", default=None, metavar="TEXT",
@@ -43,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens timed per decode measurement")
     parser.add_argument("--e2e", type=int, nargs=2, default=None, metavar=("PROMPT", "NEW"),
                         help="total generate time for a PROMPT-token prompt and NEW new tokens (e.g. 131072 512)")
-    parser.add_argument("--profile", metavar="FILE", help="profile one more generate per decode row; kernels to FILE")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="profile the decode steps of one more generate per decode and end-to-end row: each row"
+                        " gets its per-token breakdown (kernel kinds, GPU busy, host time), FILE their top kernels"
+                        " and host ops")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, for tests")
     return parser
 
@@ -160,13 +165,17 @@ def _decode_kernel_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 
 
 class _TokenClock:
-    """A generate streamer that notes when each token reaches the host (generate hands it the prompt first)."""
+    """A generate streamer that notes when each token reaches the host (generate hands it the prompt first),
+    and calls ``on_token`` then."""
 
-    def __init__(self):
+    def __init__(self, on_token=None):
         self.times: list[float] = []
+        self.on_token = on_token
 
     def put(self, tokens) -> None:
         self.times.append(time.perf_counter())
+        if self.on_token:
+            self.on_token()
 
     def end(self) -> None:
         pass
@@ -183,8 +192,8 @@ class Timing(NamedTuple):
     total: float
 
 
-def _timed_generate(model, prompt: torch.Tensor, new_tokens: int, **generate_kwargs) -> Timing:
-    clock = _TokenClock()
+def _timed_generate(model, prompt: torch.Tensor, new_tokens: int, on_token=None, **generate_kwargs) -> Timing:
+    clock = _TokenClock(on_token)
     if prompt.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -207,28 +216,39 @@ def model_rows(model, lengths: list[int], configs: dict) -> list[dict]:
             swaa.patch_model(model, window=WINDOW, sink=SINK, **fields)
         for length in lengths:
             prompt = torch.randint(1, model.config.vocab_size, (1, length), device=device)
-            _timed_generate(model, prompt, 2)  # warm-up: compilation, allocator
+            breaks = _graph_breaks()
+            first_call = _timed_generate(model, prompt, 2).total  # warm-up: compilation, allocator
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             first = min(_timed_generate(model, prompt, 1).total for _ in range(2))
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-            rows.append(dict(config=name, length=length, ttft_s=first, peak_gib=peak, **_compile_counts()))
-            print(f"  {name:28s} {length:>7d}: TTFT {first:.3f} s, peak {peak:.1f} GiB", flush=True)
+            rows.append(dict(config=name, length=length, ttft_s=first, peak_gib=peak, first_call_s=first_call,
+                             graph_breaks=_graph_breaks() - breaks, **_compile_counts()))
+            print(f"  {name:28s} {length:>7d}: TTFT {first:.3f} s, peak {peak:.1f} GiB (first call {first_call:.1f} s)",
+                  flush=True)
     if swaa.is_patched(model):
         swaa.unpatch_model(model)
     return rows
 
 
-def decode_paths() -> dict[str, dict]:
+def swaa_configs(smoke: bool) -> dict[str, dict]:
+    """The SWAA configs measured; ``--smoke`` leaves out the compiled prefill (inductor's C++ build of a
+    prefill takes minutes on a CPU; tests/test_compiled_prefill.py covers it)."""
+    return {name: fields for name, fields in SWAA_CONFIGS.items() if not (smoke and fields.get("compile_prefill"))}
+
+
+def decode_paths(smoke: bool = False) -> dict[str, dict]:
     """Every way to decode: unpatched eager and static + compiled, transformers' native sliding window
-    (every layer, static + compiled: the anchor for swaa's bounded layers), each SWAA config both ways."""
+    (every layer, static + compiled: the anchor for swaa's bounded layers), each SWAA config both ways (a
+    compiled prefill only with the compiled decode step)."""
     static = dict(cache_implementation="static")
     paths = {"unpatched, eager": dict(fields=None, generate={}),
              "unpatched, static + compiled": dict(fields=None, generate=static),
              f"native sliding window {WINDOW}, static + compiled": dict(fields=None, generate=static, native=True)}
-    for name, fields in SWAA_CONFIGS.items():
-        paths[f"{name}, eager"] = dict(fields=fields, generate={})
+    for name, fields in swaa_configs(smoke).items():
+        if not fields.get("compile_prefill"):  # a compiled prefill goes with the compiled decode step
+            paths[f"{name}, eager"] = dict(fields=fields, generate={})
         paths[f"{name}, static + compiled"] = dict(fields=fields, generate=static)
     return paths
 
@@ -261,49 +281,107 @@ def decode_rows(models: dict, lengths: list[int], paths: dict, new_tokens: int, 
             _timed_generate(model, _prompt(model, length), 3, **kwargs)  # compiles, captures, warms the allocator
             ttft, tpot, first_step, _ = _timed_generate(model, _prompt(model, length), new_tokens + 1, **kwargs)
             floor = _floor_seconds(model, path, length, copy_rate)
-            if profile:
-                _profile_generate(model, _prompt(model, length), new_tokens + 1, kwargs, profile,
-                                  f"{name}, context {length}: TPOT {tpot * 1e3:.2f} ms")
             print(f"  {name:45s} {length:>7d}: TPOT {tpot * 1e3:.2f} ms (floor {floor * 1e3:.2f}, first step"
                   f" {first_step * 1e3:.1f}), TTFT {ttft:.2f} s", flush=True)
-            return dict(ttft_s=ttft, tpot_ms=tpot * 1e3, floor_ms=floor * 1e3, over_floor=tpot / floor,
-                        first_step_ms=first_step * 1e3)
+            row = dict(ttft_s=ttft, tpot_ms=tpot * 1e3, floor_ms=floor * 1e3, over_floor=tpot / floor,
+                       first_step_ms=first_step * 1e3)
+            if profile:
+                row.update(decode_breakdown(model, _prompt(model, length), new_tokens + 1, kwargs, profile,
+                                            f"{name}, context {length}"))
+            return row
 
         rows += _per_path(models, name, path, lengths, new_tokens + 1, measure,
                           dict(path=name))
     return rows
 
 
-def _profile_generate(model, prompt: torch.Tensor, new_tokens: int, kwargs: dict, path: str, title: str) -> None:
-    """Append to ``path`` the kernels of one ``generate`` (prefill and ``new_tokens`` - 1 decode steps), by
-    device time: where a decode step's time goes."""
+# kernel kinds of a decode step, by the first name fragment a kernel's name holds (cuDNN's and flash's attention,
+# FlexAttention's Triton kernel; cuBLAS's and CUTLASS's products; inductor's fused Triton kernels)
+KERNEL_KINDS = {
+    "attention": ("flash", "fmha", "attention", "flex", "sdpa", "cudnn"),
+    "matrix products": ("gemm", "gemv", "nvjet", "cutlass", "xmma", "matmul", "splitk", "dot"),
+    "fused elementwise": ("triton", "elementwise", "reduce", "vectorized", "softmax", "cat", "index", "copy"),
+}
+SKIPPED_STEPS = 2  # a profiled generate's first decode steps (the first captures a CUDA graph) are not counted
+
+
+def kernel_kind(name: str) -> str:
+    name = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS.items() if any(part in name for part in parts)), "other")
+
+
+def _busy_ns(intervals: list[tuple[int, int]]) -> int:
+    """Length of the union of (start, end) intervals: the time the GPU ran at least one kernel."""
+    busy, reach = 0, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:
+            busy, reach = busy + end - start, end
+        elif end > reach:
+            busy, reach = busy + end - reach, end
+    return busy
+
+
+def decode_breakdown(model, prompt: torch.Tensor, new_tokens: int, kwargs: dict, path: str, title: str) -> dict:
+    """Where a decode step's time goes, from one more ``generate`` profiled over its decode steps only (the
+    prefill and the first ``SKIPPED_STEPS`` steps left out). Per token: GPU time of each kind of kernel,
+    kernels launched, GPU busy (the union of kernel intervals) and wall; wall - busy is the host time the GPU
+    waits on (``generate`` syncs every token). Appends the top kernels and host ops to ``path``."""
+    active = new_tokens - SKIPPED_STEPS - 1
+    if active < 1:
+        raise ValueError(f"--profile needs at least {SKIPPED_STEPS + 2} new tokens per row, got {new_tokens}")
     activities = [torch.profiler.ProfilerActivity.CPU]
     if prompt.is_cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profiler:
-        _timed_generate(model, prompt, new_tokens, **kwargs)
+    # a step per token reaching the host: [start, prompt), the prefill, the skipped steps, then the active ones
+    schedule = torch.profiler.schedule(wait=1 + SKIPPED_STEPS, warmup=1, active=active, repeat=1)
+    with torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
+        timing = _timed_generate(model, prompt, new_tokens, on_token=profiler.step, **kwargs)
+    kernels = [event for event in profiler.profiler.kineto_results.events()
+               if event.device_type() == torch.autograd.DeviceType.CUDA]
+    per_token = {kind: 0.0 for kind in [*KERNEL_KINDS, "other"]}
+    for event in kernels:
+        per_token[kernel_kind(event.name())] += event.duration_ns() / 1e6 / active
+    busy = _busy_ns([(event.start_ns(), event.end_ns()) for event in kernels]) / 1e6 / active
     sort_by = "self_device_time_total" if prompt.is_cuda else "self_cpu_time_total"
+    averages = profiler.key_averages()
     with open(path, "a") as file:
-        file.write(f"## {title}; one generate of {new_tokens} tokens profiled\n"
-                   f"{profiler.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=100)}\n\n")
+        file.write(f"## {title}; {active} decode steps profiled\n"
+                   f"{averages.table(sort_by=sort_by, row_limit=25, max_name_column_width=90)}\n"
+                   f"host ops:\n{averages.table(sort_by='self_cpu_time_total', row_limit=15, max_name_column_width=90)}\n\n")
+    return dict({f"{kind}_ms": ms for kind, ms in per_token.items()}, kernels_per_token=len(kernels) / active,
+                gpu_busy_ms=busy, step_wall_ms=timing.tpot * 1e3, host_waited_ms=max(timing.tpot * 1e3 - busy, 0.0))
 
 
-def end_to_end_rows(models: dict, length: int, new_tokens: int, paths: dict) -> list[dict]:
-    """Total time of one greedy ``generate`` of ``new_tokens`` after a ``length``-token prompt, per path
-    (after an untimed run of the same call with 3 new tokens, which compiles what it compiles). Static
-    caches as in ``decode_rows``."""
+def end_to_end_rows(models: dict, length: int, new_tokens: int, paths: dict, profile: str | None = None,
+                    profiled_tokens: int = 64) -> list[dict]:
+    """Total time of one greedy ``generate`` of ``new_tokens`` after a ``length``-token prompt, per path,
+    after an untimed run of the same call with 3 new tokens (which compiles what it compiles; its time is the
+    row's ``first_call_s``). Static caches as in ``decode_rows``. ``profile``: as in ``decode_rows``, over a
+    generate of ``profiled_tokens`` with the same cache."""
     rows = []
     for name, path in paths.items():
         def measure(model, length, kwargs):
-            _timed_generate(model, _prompt(model, length), 3, **kwargs)
+            first_call = _timed_generate(model, _prompt(model, length), 3, **kwargs).total
             ttft, tpot, first_step, seconds = _timed_generate(model, _prompt(model, length), new_tokens, **kwargs)
             print(f"  {name:45s} {length} + {new_tokens}: {seconds:.2f} s (TTFT {ttft:.2f} s, TPOT {tpot * 1e3:.2f} ms,"
-                  f" first step {first_step * 1e3:.1f} ms)", flush=True)
-            return dict(seconds=seconds, ttft_s=ttft, tpot_ms=tpot * 1e3, first_step_ms=first_step * 1e3)
+                  f" first step {first_step * 1e3:.1f} ms; first call {first_call:.1f} s)", flush=True)
+            row = dict(seconds=seconds, ttft_s=ttft, tpot_ms=tpot * 1e3, first_step_ms=first_step * 1e3,
+                       first_call_s=first_call)
+            if profile:
+                row.update(decode_breakdown(model, _prompt(model, length), min(profiled_tokens, new_tokens), kwargs,
+                                            profile, f"{name}, context {length}"))
+            return row
 
         rows += _per_path(models, name, path, [length], new_tokens, measure,
                           dict(path=name, new_tokens=new_tokens))
     return rows
+
+
+def end_to_end_speedups(rows: list[dict]) -> list[dict]:
+    """Each row with its speed-up over the fastest unpatched path of the same run (none without one)."""
+    unpatched = [row["seconds"] for row in rows if row["path"].startswith("unpatched") and "seconds" in row]
+    return [dict(row, speedup=min(unpatched) / row["seconds"]) if unpatched and "seconds" in row else row
+            for row in rows]
 
 
 def _prompt(model, length: int) -> torch.Tensor:
@@ -350,6 +428,12 @@ def _compile_counts() -> dict:
 
     return dict(compiled_graphs=int(counters["stats"]["unique_graphs"]),
                 cudagraph_skips=int(counters["inductor"]["cudagraph_skips"]))
+
+
+def _graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
 
 
 def _counted(measure) -> dict:
@@ -418,7 +502,7 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.device(device):
         model = Qwen3ForCausalLM(Qwen3Config(**(TINY if args.smoke else QWEN3_4B))).to(dtype).eval()
     model.set_attn_implementation("sdpa")
-    configs = {"full attention (sdpa)": None, **SWAA_CONFIGS}
+    configs = _select({"full attention (sdpa)": None, **swaa_configs(args.smoke)}, args.configs)
     lengths = args.lengths or ([64, 160] if args.smoke else [16384, 32768, 65536, 131072])
     decode_lengths = ([96] if args.smoke else [4096, 32768, 131072]) if args.decode == [] else args.decode or []
     result = dict(
@@ -429,8 +513,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     result["model"] = [] if args.skip_model else model_rows(model, lengths, configs)
     result["speedups"] = speedups(result["model"])
-    paths = _select(decode_paths(), args.paths) if decode_lengths else {}
-    e2e_paths = _select(decode_paths(), args.e2e_paths) if args.e2e else {}
+    paths = _select(decode_paths(args.smoke), args.paths) if decode_lengths else {}
+    e2e_paths = _select(decode_paths(args.smoke), args.e2e_paths) if args.e2e else {}
     models = {"base": model}
     if any(path.get("native") for path in [*paths.values(), *e2e_paths.values()]):
         models["native"] = _native_sliding_window_model(model, WINDOW)
@@ -439,7 +523,8 @@ def main(argv: list[str] | None = None) -> dict:
         open(args.profile, "w").close()
     result["decode"] = decode_rows(models, decode_lengths, paths, args.new_tokens, result["copy_tb_s"] * 1e12,
                                    args.profile) if paths else []
-    result["end_to_end"] = end_to_end_rows(models, *args.e2e, e2e_paths) if e2e_paths else []
+    result["end_to_end"] = end_to_end_speedups(
+        end_to_end_rows(models, *args.e2e, e2e_paths, args.profile, args.new_tokens) if e2e_paths else [])
     with open(args.out, "w") as file:
         json.dump(result, file, indent=1)
     if args.plot and result["speedups"]:
@@ -453,14 +538,18 @@ def main(argv: list[str] | None = None) -> dict:
         print(markdown_table(["length", "kernel", "ms", "tflops"], [r for r in result["kernels"] if "tflops" in r]))
         print(markdown_table(["length", "kernel", "us", "read_floor_us"], [r for r in result["kernels"] if "us" in r]))
     if result["model"]:
-        print(markdown_table(["config", "length", "ttft_s", "peak_gib", "compiled_graphs"], result["model"]))
+        print(markdown_table(["config", "length", "ttft_s", "peak_gib", "first_call_s", "compiled_graphs",
+                              "graph_breaks"], result["model"]))
         print(markdown_table(["config", "length", "ttft_speedup", "memory_ratio"], result["speedups"]))
     if result["decode"]:
         print(markdown_table(["path", "length", "tpot_ms", "floor_ms", "over_floor", "first_step_ms", "ttft_s",
                               "compiled_graphs", "cudagraph_skips", "error"], result["decode"]))
     if result["end_to_end"]:
-        print(markdown_table(["path", "length", "new_tokens", "seconds", "ttft_s", "tpot_ms", "first_step_ms",
-                              "error"], result["end_to_end"]))
+        print(markdown_table(["path", "length", "new_tokens", "seconds", "speedup", "ttft_s", "tpot_ms",
+                              "first_call_s", "error"], result["end_to_end"]))
+    if breakdown := [row for row in [*result["decode"], *result["end_to_end"]] if "gpu_busy_ms" in row]:
+        print(markdown_table(["path", "length", "step_wall_ms", "gpu_busy_ms", "host_waited_ms",
+                              *[f"{kind}_ms" for kind in [*KERNEL_KINDS, "other"]], "kernels_per_token"], breakdown))
     return result
 
 

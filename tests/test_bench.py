@@ -19,10 +19,10 @@ def test_bench_smoke_writes_results(tmp_path, capsys):
                          "--e2e-paths", "unpatched, static", "interleave 2, static"])
     saved = json.loads(out.read_text())
     assert [(r["config"], r["length"]) for r in saved["model"]] == [(r["config"], r["length"]) for r in result["model"]]
-    assert {row["config"] for row in saved["model"]} == {"full attention (sdpa)", *bench.SWAA_CONFIGS}
-    assert len(saved["speedups"]) == len(bench.SWAA_CONFIGS) * 2
+    assert {row["config"] for row in saved["model"]} == {"full attention (sdpa)", *bench.swaa_configs(smoke=True)}
+    assert len(saved["speedups"]) == len(bench.swaa_configs(smoke=True)) * 2
     assert plot.read_bytes().startswith(b"\x89PNG")
-    assert [row["path"] for row in saved["decode"]] == list(bench.decode_paths())
+    assert [row["path"] for row in saved["decode"]] == list(bench.decode_paths(smoke=True))
     assert all(row["tpot_ms"] > 0 for row in saved["decode"])
     assert [row["path"] for row in saved["end_to_end"]] == ["unpatched, static + compiled",
                                                             "FA decode + interleave 2, static + compiled"]
@@ -52,14 +52,28 @@ def test_a_failing_path_is_a_row_with_its_error_and_the_others_still_run(tmp_pat
     assert rows["SWA (no FA decode), eager"]["tpot_ms"] > 0 and rows["unpatched, eager"]["tpot_ms"] > 0
 
 
-def test_profile_adds_the_kernels_of_one_generate_per_decode_row(tmp_path):
+def test_profile_breaks_down_the_decode_steps_of_each_row(tmp_path):
     profile = tmp_path / "decode_profile.txt"
     result = bench.main(["--smoke", "--skip-model", "--out", str(tmp_path / "b.json"), "--decode", "--paths",
-                         "unpatched, eager", "interleave 2, eager", "--profile", str(profile)])
+                         "unpatched, eager", "interleave 2, eager", "--profile", str(profile), "--new-tokens", "6",
+                         "--e2e", "80", "8", "--e2e-paths", "unpatched, eager"])
     text = profile.read_text()
-    assert text.count("one generate of") == len(result["decode"]) == 2
+    rows = [*result["decode"], *result["end_to_end"]]
+    # a decode row generates --new-tokens + 1 = 7 tokens: the prefill's, then 6 decode steps, 2 skipped
+    assert text.count("4 decode steps profiled") == 2 and text.count("3 decode steps profiled") == 1
     assert "unpatched, eager, context 96" in text and "Self CPU" in text and "aten::" in text
-    assert all(isinstance(row["cudagraph_skips"], int) for row in result["decode"])
+    assert all(isinstance(row["cudagraph_skips"], int) and row["step_wall_ms"] > 0 for row in rows)
+    assert all(row["host_waited_ms"] == row["step_wall_ms"] for row in rows)  # no GPU: the host is everything
+    assert result["end_to_end"][0]["speedup"] == 1
+
+
+def test_kernels_are_sorted_into_kinds_and_busy_time_counts_overlaps_once():
+    assert [bench.kernel_kind(name) for name in (
+        "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>",
+        "nvjet_tst_64x8_64x16_4x1_v_bz_TNT", "triton_poi_fused_add_mul_0", "triton_tem_fused_flex_attention_0",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "Memcpy DtoD (Device -> Device)",
+    )] == ["matrix products", "matrix products", "fused elementwise", "attention", "attention", "other"]
+    assert bench._busy_ns([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
 
 
 def test_every_row_gets_a_static_cache_of_its_own_size(tmp_path, monkeypatch):

@@ -128,3 +128,30 @@ def test_refused_where_it_cannot_run():
     with pytest.raises(ValueError, match="LlamaModel.forward is already replaced"):
         swaa.patch_model(model, **CONFIG, compile_prefill=True)
     assert not swaa.is_patched(model) and model.config._attn_implementation != "swaa"
+
+
+@pytest.mark.parametrize("backend, rule", [("sdpa", swaa.rules.LayerRule(None, 0, False)),
+                                           ("flex", swaa.rules.LayerRule(5, 2, True))])
+def test_gpu_backends_trace_into_one_graph_over_every_length(backend, rule):
+    """The kernels a GPU's compiled prefill runs (full layers: sdpa; windowed: FlexAttention), traced as the
+    prefill traces them (dynamic lengths, the plan built before): no graph break, one graph for every length
+    past one block of 128 queries, the reference's result."""
+    from swaa.backends import flex, reference, sdpa
+    from swaa.plan import plan_forward
+    attend = {"sdpa": sdpa.attend, "flex": flex.attend}[backend]
+
+    def run(query, key, value, plan, attend=attend):
+        return attend(query, key, value, rule=rule, plan=plan, scaling=0.25)[0]
+
+    compiled = torch.compile(run, dynamic=True, fullgraph=True, backend="aot_eager")
+    for length in (150, 200, 333):
+        mask = torch.ones(2, length, dtype=torch.long)
+        mask[1, :9] = 0
+        if backend == "sdpa":
+            mask = None
+        plan = plan_forward(batch_size=2, q_len=length, past_len=0, device=torch.device("cpu"), attention_mask=mask)
+        assert backend != "sdpa" or plan.plain()
+        query, key, value = torch.randn(2, 4, length, 16), torch.randn(2, 2, length, 16), torch.randn(2, 2, length, 16)
+        expected = run(query, key, value, plan, attend=reference.attend)
+        torch.testing.assert_close(compiled(query, key, value, plan), expected, atol=1e-5, rtol=1e-5)
+    assert compiled_graphs() == 1
