@@ -295,10 +295,11 @@ def decode_rows(models: dict, lengths: list[int], paths: dict, new_tokens: int, 
     return rows
 
 
-# kernel kinds of a decode step, by the first name fragment a kernel's name holds (cuDNN's and flash's attention,
-# FlexAttention's Triton kernel; cuBLAS's and CUTLASS's products; inductor's fused Triton kernels)
+# kernel kinds of a decode step, by the first name fragment a kernel's name holds: inductor's Triton templates
+# (FlexAttention) and cuDNN's and flash's attention; cuBLAS's and CUTLASS's products; inductor's fused Triton
+# kernels (named after the ops they fuse, "attention" among them) and PyTorch's own elementwise kernels
 KERNEL_KINDS = {
-    "attention": ("flash", "fmha", "attention", "flex", "sdpa", "cudnn"),
+    "attention": ("triton_tem", "flash", "fmha", "cudnn", "attention", "sdpa"),
     "matrix products": ("gemm", "gemv", "nvjet", "cutlass", "xmma", "matmul", "splitk", "dot"),
     "fused elementwise": ("triton", "elementwise", "reduce", "vectorized", "softmax", "cat", "index", "copy"),
 }
@@ -307,6 +308,8 @@ SKIPPED_STEPS = 2  # a profiled generate's first decode steps (the first capture
 
 def kernel_kind(name: str) -> str:
     name = name.lower()
+    if name.startswith("triton_") and not name.startswith("triton_tem"):
+        return "fused elementwise"
     return next((kind for kind, parts in KERNEL_KINDS.items() if any(part in name for part in parts)), "other")
 
 
@@ -321,11 +324,15 @@ def _busy_ns(intervals: list[tuple[int, int]]) -> int:
     return busy
 
 
+HOST_WAITS = ("cudaMemcpyAsync", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
 def decode_breakdown(model, prompt: torch.Tensor, new_tokens: int, kwargs: dict, path: str, title: str) -> dict:
     """Where a decode step's time goes, from one more ``generate`` profiled over its decode steps only (the
     prefill and the first ``SKIPPED_STEPS`` steps left out). Per token: GPU time of each kind of kernel,
-    kernels launched, GPU busy (the union of kernel intervals) and wall; wall - busy is the host time the GPU
-    waits on (``generate`` syncs every token). Appends the top kernels and host ops to ``path``."""
+    kernels run, GPU busy (the union of kernel intervals), wall, and host time: the CPU's own time less the
+    time it waits for the GPU (``generate`` reads every token back, so the two take turns: host work shows in
+    the wall time). Appends the top kernels and host ops to ``path``."""
     active = new_tokens - SKIPPED_STEPS - 1
     if active < 1:
         raise ValueError(f"--profile needs at least {SKIPPED_STEPS + 2} new tokens per row, got {new_tokens}")
@@ -336,20 +343,22 @@ def decode_breakdown(model, prompt: torch.Tensor, new_tokens: int, kwargs: dict,
     schedule = torch.profiler.schedule(wait=1 + SKIPPED_STEPS, warmup=1, active=active, repeat=1)
     with torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
         timing = _timed_generate(model, prompt, new_tokens, on_token=profiler.step, **kwargs)
-    kernels = [event for event in profiler.profiler.kineto_results.events()
-               if event.device_type() == torch.autograd.DeviceType.CUDA]
+    kernels = [event for event in profiler.profiler.kineto_results.events()  # not the GPU-side annotations
+               if event.device_type() == torch.autograd.DeviceType.CUDA and not event.is_user_annotation()]
     per_token = {kind: 0.0 for kind in [*KERNEL_KINDS, "other"]}
     for event in kernels:
         per_token[kernel_kind(event.name())] += event.duration_ns() / 1e6 / active
     busy = _busy_ns([(event.start_ns(), event.end_ns()) for event in kernels]) / 1e6 / active
     sort_by = "self_device_time_total" if prompt.is_cuda else "self_cpu_time_total"
     averages = profiler.key_averages()
+    waited = sum(average.self_cpu_time_total for average in averages if average.key in HOST_WAITS)
+    host = (averages.self_cpu_time_total - waited) / 1e3 / active
     with open(path, "a") as file:
         file.write(f"## {title}; {active} decode steps profiled\n"
                    f"{averages.table(sort_by=sort_by, row_limit=25, max_name_column_width=90)}\n"
                    f"host ops:\n{averages.table(sort_by='self_cpu_time_total', row_limit=15, max_name_column_width=90)}\n\n")
     return dict({f"{kind}_ms": ms for kind, ms in per_token.items()}, kernels_per_token=len(kernels) / active,
-                gpu_busy_ms=busy, step_wall_ms=timing.tpot * 1e3, host_waited_ms=max(timing.tpot * 1e3 - busy, 0.0))
+                gpu_busy_ms=busy, step_wall_ms=timing.tpot * 1e3, host_ms=host)
 
 
 def end_to_end_rows(models: dict, length: int, new_tokens: int, paths: dict, profile: str | None = None,
@@ -548,7 +557,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(markdown_table(["path", "length", "new_tokens", "seconds", "speedup", "ttft_s", "tpot_ms",
                               "first_call_s", "error"], result["end_to_end"]))
     if breakdown := [row for row in [*result["decode"], *result["end_to_end"]] if "gpu_busy_ms" in row]:
-        print(markdown_table(["path", "length", "step_wall_ms", "gpu_busy_ms", "host_waited_ms",
+        print(markdown_table(["path", "length", "step_wall_ms", "gpu_busy_ms", "host_ms",
                               *[f"{kind}_ms" for kind in [*KERNEL_KINDS, "other"]], "kernels_per_token"], breakdown))
     return result
 

@@ -354,8 +354,10 @@ def _before_forward(state: PatchState, decoder: torch.nn.Module, args: tuple, kw
 
 def _check_training_boundary(state: PatchState, decoder, generate, labels, prompt_len) -> None:
     """Training a language model with FA decode needs each answer's start: labels or prompt_len, never a guess."""
+    if not (decoder.training and state.generates and generate is None):
+        return  # first: a compiled decode step then reads (and guards on) no rule
     decoding = [layer for layer, rule in enumerate(state.rules) if rule.fa_decode]
-    if not (decoder.training and decoding and state.generates and generate is None):
+    if not decoding:
         return
     if labels is not None and prompt_len is None and isinstance(labels, torch.Tensor) and bool((labels != -100).all()):
         warnings.warn(

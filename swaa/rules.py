@@ -12,7 +12,7 @@ many pairs a prompt keeps (``visible_pairs``). No other module does window or si
 from __future__ import annotations
 
 import logging
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -39,8 +39,9 @@ class LayerRule:
         return self.window is None
 
     def key(self) -> tuple:
-        """The rule as plain values, for memo keys that a compiled step can hash without tracing a dataclass."""
-        return astuple(self)
+        """The rule as plain values, for memo keys that a compiled step can hash without tracing a dataclass
+        (``dataclasses.astuple`` deep-copies: a compiled step then guards on every field's descriptor)."""
+        return (self.window, self.sink, self.fa_decode)
 
     def describe(self) -> str:
         if self.is_full:

@@ -31,6 +31,17 @@ def fresh_compiler(request, monkeypatch):
     prefill._compiled_forward.cache_clear()
 
 
+def two_layer_model(family: str):
+    """The family's tiny model cut to 2 layers (one full, one SWA under ``CONFIG``): compilation time grows
+    with depth, and what the compiled prefill does per layer is the same in every layer of a kind."""
+    config = tiny_model(family).config
+    config.num_hidden_layers = 2
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:2]
+    torch.manual_seed(0)
+    return type(tiny_model(family))(config).to(torch.float64).eval()
+
+
 def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
@@ -50,7 +61,7 @@ def assert_same(compiled, eager):
 @pytest.fixture
 def pair():
     """The same tiny Qwen3 patched twice: with the compiled prefill, and eagerly."""
-    compiled, eager = tiny_model("qwen3"), tiny_model("qwen3")
+    compiled, eager = two_layer_model("qwen3"), two_layer_model("qwen3")
     swaa.patch_model(compiled, **CONFIG, compile_prefill=True)
     swaa.patch_model(eager, **CONFIG)
     return compiled, eager
@@ -86,7 +97,7 @@ def test_inductor_kernels_give_the_eager_tokens(pair):
 # qwen3_moe left out: its eager experts loop picks experts by value (data-dependent), a graph break per layer
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"qwen3", "qwen3_moe"}))
 def test_every_family_compiles_its_prefill_without_graph_breaks(family):
-    compiled, eager = tiny_model(family), tiny_model(family)
+    compiled, eager = two_layer_model(family), two_layer_model(family)
     swaa.patch_model(compiled, **CONFIG, compile_prefill=True)
     swaa.patch_model(eager, **CONFIG)
     assert_same(generate(compiled, [29, 20], 29), generate(eager, [29, 20], 29))
@@ -144,7 +155,7 @@ def test_gpu_backends_trace_into_one_graph_over_every_length(backend, rule):
         return attend(query, key, value, rule=rule, plan=plan, scaling=0.25)[0]
 
     compiled = torch.compile(run, dynamic=True, fullgraph=True, backend="aot_eager")
-    for length in (150, 200, 333):
+    for length in (150, 333):
         mask = torch.ones(2, length, dtype=torch.long)
         mask[1, :9] = 0
         if backend == "sdpa":

@@ -180,7 +180,8 @@ def _mask_mod(rule: LayerRule, plan: Plan, q_len: int, kv_len: int):
     as tensors, so the compiled kernel serves every window size without recompiling."""
     device = plan.query_pos.device
     if q_len == kv_len and plan.plain() and not (rule.fa_decode and plan.any_generated()):
-        return _index_mask_mod(rule, device)
+        # traced into a compiled prefill, the cache has nothing to keep (dynamo warns about cached functions)
+        return (_index_mask_mod.__wrapped__ if torch.compiler.is_compiling() else _index_mask_mod)(rule, device)
     rule = _tensor_rule(rule, device)
     query_pos, key_pos, generated = plan.query_pos, plan.key_pos, plan.query_generated
     query_seq, key_seq = plan.query_seq, plan.key_seq
