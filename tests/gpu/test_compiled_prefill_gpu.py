@@ -47,17 +47,14 @@ def run(model, rows, total, seed, **kwargs):
     return model.generate(ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False, **kwargs)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_compiled_prefill_gives_the_eager_tokens_and_compiles_once_per_kind(family):
+def check(family, kinds):
     torch._dynamo.reset()
     counters.clear()
     prefill._compiled_forward.cache_clear()
     compiled, eager = model_of(family), model_of(family)
     swaa.patch_model(compiled, **CONFIG, compile_prefill=True)
     swaa.patch_model(eager, **CONFIG)
-    # one row (plain: sdpa in the full layers) and a left-padded batch (flex everywhere); a static cache of one
-    # size throughout, so that generate's compiled decode step is not compiled again for the second length
-    kinds = [dict(), dict(cache_implementation="static", prefill_chunk_size=128, max_cache_len=600)]
+    # one row (plain: sdpa in the full layers) and a left-padded batch (flex everywhere)
     first = [(kind, rows, 300, 1) for kind in kinds for rows in ([300], [300, 211, 40])]
     later = [(kind, rows, 517, 2) for kind in kinds for rows in ([517], [517, 400, 130])]
     expected = [run(eager, rows, total, seed, **kind) for kind, rows, total, seed in first + later]
@@ -68,3 +65,14 @@ def test_compiled_prefill_gives_the_eager_tokens_and_compiles_once_per_kind(fami
     assert all(torch.equal(got, want) for got, want in zip(tokens, expected))
     assert int(counters["stats"]["unique_graphs"]) == graphs  # other lengths, chunk counts: nothing new
     assert not counters["graph_break"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_whole_prompt_gives_the_eager_tokens_in_one_graph_per_batch_kind(family):
+    check(family, [dict()])
+
+
+def test_chunks_onto_a_static_cache_give_the_eager_tokens():
+    """A static cache of one size throughout: generate's compiled decode step is not compiled again for the
+    second length, so every new graph would be the prefill's."""
+    check("qwen3", [dict(cache_implementation="static", prefill_chunk_size=128, max_cache_len=600)])
