@@ -12,6 +12,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
 
 import swaa
 from swaa import prefill
+from tiny import left_padded
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -33,17 +34,8 @@ def model_of(family):
         return FAMILIES[family]().float().eval()
 
 
-def prompts(lengths, total, seed):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 512, (len(lengths), total), generator=generator)
-    mask = torch.zeros(len(lengths), total, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        mask[row, total - length:] = 1
-    return ids.masked_fill(mask == 0, 0).cuda(), mask.cuda()
-
-
 def run(model, rows, total, seed, **kwargs):
-    ids, mask = prompts(rows, total, seed)
+    ids, mask = (tensor.cuda() for tensor in left_padded(rows, total, seed))
     return model.generate(ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False, **kwargs)
 
 
