@@ -324,6 +324,7 @@ def _busy_ns(intervals: list[tuple[int, int]]) -> int:
     return busy
 
 
+GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # profiler activity types that occupy the GPU
 HOST_WAITS = ("cudaMemcpyAsync", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
@@ -344,7 +345,7 @@ def decode_breakdown(model, prompt: torch.Tensor, new_tokens: int, kwargs: dict,
     with torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
         timing = _timed_generate(model, prompt, new_tokens, on_token=profiler.step, **kwargs)
     kernels = [event for event in profiler.profiler.kineto_results.events()  # not the GPU-side annotations
-               if event.device_type() == torch.autograd.DeviceType.CUDA and not event.is_user_annotation()]
+               if event.activity_type() in GPU_WORK]
     per_token = {kind: 0.0 for kind in [*KERNEL_KINDS, "other"]}
     for event in kernels:
         per_token[kernel_kind(event.name())] += event.duration_ns() / 1e6 / active
