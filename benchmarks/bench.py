@@ -355,9 +355,10 @@ def decode_breakdown(model, prompt: torch.Tensor, new_tokens: int, kwargs: dict,
     waited = sum(average.self_cpu_time_total for average in averages if average.key in HOST_WAITS)
     host = (averages.self_cpu_time_total - waited) / 1e3 / active
     with open(path, "a") as file:
+        host_ops = averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=90)
         file.write(f"## {title}; {active} decode steps profiled\n"
                    f"{averages.table(sort_by=sort_by, row_limit=25, max_name_column_width=90)}\n"
-                   f"host ops:\n{averages.table(sort_by='self_cpu_time_total', row_limit=15, max_name_column_width=90)}\n\n")
+                   f"host ops:\n{host_ops}\n\n")
     return dict({f"{kind}_ms": ms for kind, ms in per_token.items()}, kernels_per_token=len(kernels) / active,
                 gpu_busy_ms=busy, step_wall_ms=timing.tpot * 1e3, host_ms=host)
 

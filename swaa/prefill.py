@@ -12,11 +12,12 @@ every token's states) costs as much as its matrix products at long contexts. Com
 One compiled forward per decoder class and process (``torch.compile`` of the class's forward, ``dynamic=True``)
 serves every prompt length, chunk size, cache length and instance of the class: lengths are symbolic, and the
 weights are the graph's inputs. Kinds of call compile once each: a whole prompt, a first and a later chunk, a
-dynamic or a static cache, one row or several (torch specializes sizes of 1); ``RECOMPILE_LIMIT`` leaves room
-for all of them (torch's default of 8 is shared by every transformers forward, which run one decorator's code). Inside it, swaa's attention runs as in the eager forward (the plan is built
-before, by the patch's pre-hook; the backends build their masks from it in the graph), so the result is the
-eager forward's. Forwards that record gradients (training) and single-query steps (decoding, which
-``generate`` compiles itself with a static cache) stay eager.
+dynamic or a static cache, one row or several (torch specializes sizes of 1), a prompt shorter than one
+FlexAttention block (128 tokens); ``RECOMPILE_LIMIT`` leaves room for all of them (torch's default of 8 is
+shared by every transformers forward, which run one decorator's code). Inside it, swaa's attention runs as in
+the eager forward (the plan is built before, by the patch's pre-hook; the backends build their masks from it in
+the graph), so the result is the eager forward's. Forwards that record gradients (training) and single-query
+steps (decoding, which ``generate`` compiles itself with a static cache) stay eager.
 """
 
 from __future__ import annotations

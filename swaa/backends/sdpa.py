@@ -41,7 +41,8 @@ def attend(
 ) -> tuple[torch.Tensor, None]:
     """query: (batch, heads, q_len, head_dim); key, value: (batch, kv_heads, kv_len, head_dim), in a case
     that ``handles`` accepted. Returns (batch, q_len, heads, head_dim)."""
-    causal = True if query.shape[2] > 1 else False  # noqa: SIM210 (a Python bool: a compiled prefill's SymBool would break the graph)
+    # a Python bool: under a compiled prefill's dynamic lengths a SymBool would break the graph
+    causal = True if query.shape[2] > 1 else False  # noqa: SIM210
     output = F.scaled_dot_product_attention(
         query, key, value, dropout_p=dropout, is_causal=causal, scale=scaling, enable_gqa=True
     )
