@@ -216,7 +216,6 @@ def model_rows(model, lengths: list[int], configs: dict) -> list[dict]:
             swaa.patch_model(model, window=WINDOW, sink=SINK, **fields)
         for length in lengths:
             prompt = torch.randint(1, model.config.vocab_size, (1, length), device=device)
-            breaks = _graph_breaks()
             first_call = _timed_generate(model, prompt, 2).total  # warm-up: compilation, allocator
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -224,7 +223,7 @@ def model_rows(model, lengths: list[int], configs: dict) -> list[dict]:
             first = min(_timed_generate(model, prompt, 1).total for _ in range(2))
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
             rows.append(dict(config=name, length=length, ttft_s=first, peak_gib=peak, first_call_s=first_call,
-                             graph_breaks=_graph_breaks() - breaks, **_compile_counts()))
+                             **_compile_counts()))
             print(f"  {name:28s} {length:>7d}: TTFT {first:.3f} s, peak {peak:.1f} GiB (first call {first_call:.1f} s)",
                   flush=True)
     if swaa.is_patched(model):
@@ -432,19 +431,15 @@ def _per_path(models: dict, name: str, path: dict, lengths: list[int], new_token
 
 
 def _compile_counts() -> dict:
-    """Graphs torch.compile has built so far in this process, and the times inductor ran a compiled step
-    without CUDA graphs (each adds every kernel launch back to every step; ``TORCH_LOGS=cudagraphs`` says why,
-    but on torch 2.11 its logger also raised an AssertionError once a second cache size was compiled)."""
+    """Graphs torch.compile has built so far in this process, the graph breaks it met, and the times inductor
+    ran a compiled step without CUDA graphs (each adds every kernel launch back to every step;
+    ``TORCH_LOGS=cudagraphs`` says why, but on torch 2.11 its logger also raised an AssertionError once a second
+    cache size was compiled)."""
     from torch._dynamo.utils import counters
 
     return dict(compiled_graphs=int(counters["stats"]["unique_graphs"]),
+                graph_breaks=sum(counters["graph_break"].values()),
                 cudagraph_skips=int(counters["inductor"]["cudagraph_skips"]))
-
-
-def _graph_breaks() -> int:
-    from torch._dynamo.utils import counters
-
-    return sum(counters["graph_break"].values())
 
 
 def _counted(measure) -> dict:

@@ -36,12 +36,12 @@ def fresh_compiler(request, monkeypatch):
 def two_layer_model(family: str):
     """The family's tiny model cut to 2 layers (one full, one SWA under ``CONFIG``): compilation time grows
     with depth, and what the compiled prefill does per layer is the same in every layer of a kind."""
-    config = tiny_model(family).config
-    config.num_hidden_layers = 2
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:2]
+    model = tiny_model(family)
+    model.config.num_hidden_layers = 2
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:2]
     torch.manual_seed(0)
-    return type(tiny_model(family))(config).to(torch.float64).eval()
+    return type(model)(model.config).to(torch.float64).eval()
 
 
 def compiled_graphs() -> int:
