@@ -323,8 +323,15 @@ def _busy_ns(intervals: list[tuple[int, int]]) -> int:
     return busy
 
 
-GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # profiler activity types that occupy the GPU
 HOST_WAITS = ("cudaMemcpyAsync", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def gpu_work(events) -> list:
+    """The profiler's events that occupy the GPU (kernels, copies, fills), not its GPU-side annotations (the
+    host's ranges drawn on the GPU's timeline, over kernels already counted). Told by device and annotation
+    flag: torch 2.11's events have no activity type."""
+    return [event for event in events
+            if event.device_type() == torch.autograd.DeviceType.CUDA and not event.is_user_annotation()]
 
 
 def decode_breakdown(model, prompt: torch.Tensor, new_tokens: int, kwargs: dict, path: str, title: str) -> dict:
@@ -343,8 +350,7 @@ def decode_breakdown(model, prompt: torch.Tensor, new_tokens: int, kwargs: dict,
     schedule = torch.profiler.schedule(wait=1 + SKIPPED_STEPS, warmup=1, active=active, repeat=1)
     with torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
         timing = _timed_generate(model, prompt, new_tokens, on_token=profiler.step, **kwargs)
-    kernels = [event for event in profiler.profiler.kineto_results.events()  # not the GPU-side annotations
-               if event.activity_type() in GPU_WORK]
+    kernels = gpu_work(profiler.profiler.kineto_results.events())
     per_token = {kind: 0.0 for kind in [*KERNEL_KINDS, "other"]}
     for event in kernels:
         per_token[kernel_kind(event.name())] += event.duration_ns() / 1e6 / active

@@ -58,11 +58,12 @@ class SWAAConfig:
             of failing; set for configs in the authors' format, whose lists run past small models.
         bounded_cache: SWA layers without FA decode keep only their sinks and last ``window - 1`` keys in
             the KV cache (exact: no later query sees the others). False keeps every token in every layer.
-        compile_prefill: forwards of several queries without gradients (a prompt, its chunks, scoring) run
-            the decoder through ``torch.compile`` with dynamic shapes: one compilation per process and kind
-            of call serves every length (``swaa.prefill``). Off by default: the first prompt then costs
-            minutes of compilation (about 3 on an H200 for a 36-layer model) for a 10-25% faster prefill.
-            Not with backend "flash", which plans its calls on the host.
+        compile_prefill: a prompt of one row with no keys before it (no padding; of a chunked prompt, the
+            first chunk), without gradients, runs the decoder through ``torch.compile`` with dynamic shapes:
+            one compilation per process serves every length (``swaa.prefill``); batches, padding and later
+            chunks run eagerly. Off by default: the first
+            prompt then costs minutes of compilation (2-4 on an H200 for a 36-layer model) for a 10-25%
+            faster prefill. Not with backend "flash", which plans its calls on the host.
     """
 
     window: int

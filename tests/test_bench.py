@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers.cache_utils import StaticLayer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -65,6 +66,26 @@ def test_profile_breaks_down_the_decode_steps_of_each_row(tmp_path):
     assert all(isinstance(row["cudagraph_skips"], int) and row["step_wall_ms"] > 0 for row in rows)
     assert all(row["gpu_busy_ms"] == 0 and 0 < row["host_ms"] for row in rows)  # no GPU: the host is everything
     assert result["end_to_end"][0]["speedup"] == 1
+
+
+class _Event:
+    def __init__(self, device, annotation):
+        self.device, self.annotation = device, annotation
+
+    def device_type(self):
+        return self.device
+
+    def is_user_annotation(self):
+        return self.annotation
+
+
+def test_gpu_work_is_what_runs_on_the_gpu_and_not_its_annotations():
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    kernel, annotation, host_op = _Event(cuda, False), _Event(cuda, True), _Event(cpu, False)
+    assert bench.gpu_work([kernel, annotation, host_op]) == [kernel]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        torch.ones(3).sum()
+    assert bench.gpu_work(profiler.profiler.kineto_results.events()) == []  # this torch's events answer both
 
 
 def test_kernels_are_sorted_into_kinds_and_busy_time_counts_overlaps_once():
