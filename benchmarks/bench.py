@@ -46,9 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--e2e", type=int, nargs=2, default=None, metavar=("PROMPT", "NEW"),
                         help="total generate time for a PROMPT-token prompt and NEW new tokens (e.g. 131072 512)")
     parser.add_argument("--profile", metavar="FILE",
-                        help="profile the decode steps of one more generate per decode and end-to-end row: each row"
-                        " gets its per-token breakdown (kernel kinds, GPU busy, host time), FILE their top kernels"
-                        " and host ops")
+                        help="profile one more generate per row: a time-to-first-token row gets its prefill's"
+                        " breakdown (GPU time by kernel kind, GPU busy, kernels), a decode or end-to-end row its"
+                        " decode steps' per token (and host time); FILE gets their top kernels and host ops")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, for tests")
     return parser
 
@@ -206,9 +206,10 @@ def _timed_generate(model, prompt: torch.Tensor, new_tokens: int, on_token=None,
     return Timing(clock.times[1] - start, statistics.median(steps), steps[0], total)
 
 
-def model_rows(model, lengths: list[int], configs: dict) -> list[dict]:
+def model_rows(model, lengths: list[int], configs: dict, profile: str | None = None) -> list[dict]:
     """Time to first token (``generate`` of one token, best of two after a warm-up) and peak memory, per
-    config and length."""
+    config and length. ``profile``: a file to which one more ``generate`` per row adds its top kernels, and
+    the row its prefill's breakdown."""
     rows = []
     device = model.device
     for name, fields in configs.items():
@@ -224,6 +225,8 @@ def model_rows(model, lengths: list[int], configs: dict) -> list[dict]:
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
             rows.append(dict(config=name, length=length, ttft_s=first, peak_gib=peak, first_call_s=first_call,
                              **_compile_counts()))
+            if profile:
+                rows[-1].update(prefill_breakdown(model, prompt, profile, f"{name}, prompt {length}"))
             print(f"  {name:28s} {length:>7d}: TTFT {first:.3f} s, peak {peak:.1f} GiB (first call {first_call:.1f} s)",
                   flush=True)
     if swaa.is_patched(model):
@@ -334,6 +337,36 @@ def gpu_work(events) -> list:
             if event.device_type() == torch.autograd.DeviceType.CUDA and not event.is_user_annotation()]
 
 
+def _activities(prompt: torch.Tensor) -> list:
+    cuda = [torch.profiler.ProfilerActivity.CUDA] if prompt.is_cuda else []
+    return [torch.profiler.ProfilerActivity.CPU, *cuda]
+
+
+def _gpu_times(profiler, calls: int) -> dict:
+    """Per call: GPU time of each kind of kernel, kernels run and GPU busy time (the union of their intervals)."""
+    kernels = gpu_work(profiler.profiler.kineto_results.events())
+    times = {f"{kind}_ms": 0.0 for kind in [*KERNEL_KINDS, "other"]}
+    for event in kernels:
+        times[f"{kernel_kind(event.name())}_ms"] += event.duration_ns() / 1e6 / calls
+    busy = _busy_ns([(event.start_ns(), event.end_ns()) for event in kernels]) / 1e6 / calls
+    return dict(times, kernels=len(kernels) / calls, gpu_busy_ms=busy)
+
+
+def _top_kernels(profiler, prompt: torch.Tensor) -> str:
+    sort_by = "self_device_time_total" if prompt.is_cuda else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=90)
+
+
+def prefill_breakdown(model, prompt: torch.Tensor, path: str, title: str) -> dict:
+    """Where a prefill's time goes, from one more ``generate`` of one token, profiled: GPU time of each kind of
+    kernel, kernels run, GPU busy. Appends the top kernels to ``path``."""
+    with torch.profiler.profile(activities=_activities(prompt)) as profiler:
+        _timed_generate(model, prompt, 1)
+    with open(path, "a") as file:
+        file.write(f"## {title}; prefill profiled\n{_top_kernels(profiler, prompt)}\n\n")
+    return _gpu_times(profiler, 1)
+
+
 def decode_breakdown(model, prompt: torch.Tensor, new_tokens: int, kwargs: dict, path: str, title: str) -> dict:
     """Where a decode step's time goes, from one more ``generate`` profiled over its decode steps only (the
     prefill and the first ``SKIPPED_STEPS`` steps left out). Per token: GPU time of each kind of kernel,
@@ -343,29 +376,20 @@ def decode_breakdown(model, prompt: torch.Tensor, new_tokens: int, kwargs: dict,
     active = new_tokens - SKIPPED_STEPS - 1
     if active < 1:
         raise ValueError(f"--profile needs at least {SKIPPED_STEPS + 2} new tokens per row, got {new_tokens}")
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if prompt.is_cuda:
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
     # a step per token reaching the host: [start, prompt), the prefill, the skipped steps, then the active ones
     schedule = torch.profiler.schedule(wait=1 + SKIPPED_STEPS, warmup=1, active=active, repeat=1)
-    with torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
+    with torch.profiler.profile(activities=_activities(prompt), schedule=schedule) as profiler:
         timing = _timed_generate(model, prompt, new_tokens, on_token=profiler.step, **kwargs)
-    kernels = gpu_work(profiler.profiler.kineto_results.events())
-    per_token = {kind: 0.0 for kind in [*KERNEL_KINDS, "other"]}
-    for event in kernels:
-        per_token[kernel_kind(event.name())] += event.duration_ns() / 1e6 / active
-    busy = _busy_ns([(event.start_ns(), event.end_ns()) for event in kernels]) / 1e6 / active
-    sort_by = "self_device_time_total" if prompt.is_cuda else "self_cpu_time_total"
     averages = profiler.key_averages()
     waited = sum(average.self_cpu_time_total for average in averages if average.key in HOST_WAITS)
     host = (averages.self_cpu_time_total - waited) / 1e3 / active
     with open(path, "a") as file:
         host_ops = averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=90)
-        file.write(f"## {title}; {active} decode steps profiled\n"
-                   f"{averages.table(sort_by=sort_by, row_limit=25, max_name_column_width=90)}\n"
+        file.write(f"## {title}; {active} decode steps profiled\n{_top_kernels(profiler, prompt)}\n"
                    f"host ops:\n{host_ops}\n\n")
-    return dict({f"{kind}_ms": ms for kind, ms in per_token.items()}, kernels_per_token=len(kernels) / active,
-                gpu_busy_ms=busy, step_wall_ms=timing.tpot * 1e3, host_ms=host)
+    times = _gpu_times(profiler, active)
+    times["kernels_per_token"] = times.pop("kernels")
+    return dict(times, step_wall_ms=timing.tpot * 1e3, host_ms=host)
 
 
 def end_to_end_rows(models: dict, length: int, new_tokens: int, paths: dict, profile: str | None = None,
@@ -523,7 +547,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch=torch.__version__, transformers=transformers.__version__, window=WINDOW, sink=SINK,
         kernels=kernel_rows(lengths) if cuda and not args.skip_kernels else [],
     )
-    result["model"] = [] if args.skip_model else model_rows(model, lengths, configs)
+    if args.profile:
+        open(args.profile, "w").close()
+    result["model"] = [] if args.skip_model else model_rows(model, lengths, configs, args.profile)
     result["speedups"] = speedups(result["model"])
     paths = _select(decode_paths(args.smoke), args.paths) if decode_lengths else {}
     e2e_paths = _select(decode_paths(args.smoke), args.e2e_paths) if args.e2e else {}
@@ -531,8 +557,6 @@ def main(argv: list[str] | None = None) -> dict:
     if any(path.get("native") for path in [*paths.values(), *e2e_paths.values()]):
         models["native"] = _native_sliding_window_model(model, WINDOW)
     result["copy_tb_s"] = (copy_bandwidth() if cuda else float("nan")) / 1e12
-    if args.profile:
-        open(args.profile, "w").close()
     result["decode"] = decode_rows(models, decode_lengths, paths, args.new_tokens, result["copy_tb_s"] * 1e12,
                                    args.profile) if paths else []
     result["end_to_end"] = end_to_end_speedups(
@@ -553,6 +577,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(markdown_table(["config", "length", "ttft_s", "peak_gib", "first_call_s", "compiled_graphs",
                               "graph_breaks"], result["model"]))
         print(markdown_table(["config", "length", "ttft_speedup", "memory_ratio"], result["speedups"]))
+    if prefills := [row for row in result["model"] if "gpu_busy_ms" in row]:
+        print(markdown_table(["config", "length", "ttft_s", "gpu_busy_ms",
+                              *[f"{kind}_ms" for kind in [*KERNEL_KINDS, "other"]], "kernels"], prefills))
     if result["decode"]:
         print(markdown_table(["path", "length", "tpot_ms", "floor_ms", "over_floor", "first_step_ms", "ttft_s",
                               "compiled_graphs", "cudagraph_skips", "error"], result["decode"]))

@@ -53,6 +53,17 @@ def test_a_failing_path_is_a_row_with_its_error_and_the_others_still_run(tmp_pat
     assert rows["SWA (no FA decode), eager"]["tpot_ms"] > 0 and rows["unpatched, eager"]["tpot_ms"] > 0
 
 
+def test_profile_breaks_down_the_prefill_of_each_time_to_first_token_row(tmp_path, capsys):
+    profile = tmp_path / "prefill_profile.txt"
+    result = bench.main(["--smoke", "--out", str(tmp_path / "b.json"), "--configs", "interleave 2", "--lengths", "64",
+                         "--profile", str(profile)])
+    assert [row["config"] for row in result["model"]] == ["FA decode + interleave 2"]
+    assert "FA decode + interleave 2, prompt 64; prefill profiled" in profile.read_text()
+    row = result["model"][0]
+    assert row["gpu_busy_ms"] == 0 and row["kernels"] == 0 and row["matrix products_ms"] == 0  # no GPU here
+    assert "| FA decode + interleave 2 | 64 |" in capsys.readouterr().out.split("gpu_busy_ms")[-1]
+
+
 def test_profile_breaks_down_the_decode_steps_of_each_row(tmp_path):
     profile = tmp_path / "decode_profile.txt"
     result = bench.main(["--smoke", "--skip-model", "--out", str(tmp_path / "b.json"), "--decode", "--paths",
