@@ -61,9 +61,9 @@ class SWAAConfig:
         compile_prefill: a prompt of one row with no keys before it (no padding; of a chunked prompt, the
             first chunk), without gradients, runs the decoder through ``torch.compile`` with dynamic shapes:
             one compilation per process serves every length (``swaa.prefill``); batches, padding and later
-            chunks run eagerly. Off by default: the first
-            prompt then costs minutes of compilation (2-4 on an H200 for a 36-layer model) for a 10-25%
-            faster prefill. Not with backend "flash", which plans its calls on the host.
+            chunks run eagerly. Off by default: the first prompt then costs minutes of compilation (2-4 on
+            an H200 for a 36-layer model) for a 10-25% faster prefill. Not with backend "flash", which plans
+            its calls on the host.
     """
 
     window: int

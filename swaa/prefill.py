@@ -1,4 +1,4 @@
-"""The compiled prefill (``SWAAConfig.compile_prefill``): the decoder's forward over a whole prompt of one row runs
+"""The compiled prefill (``SWAAConfig.compile_prefill``): the decoder's forward over a prompt of one row runs
 through ``torch.compile`` with dynamic shapes.
 
 An option, off by default: on an H200 (Qwen3-4B shape, 36 layers) the first prompt costs about 3 minutes of
@@ -11,11 +11,10 @@ every token's states) costs as much as its matrix products at long contexts. Com
 
 Only the calls checked against the eager prefill on a GPU compile: one row that holds one sequence, no
 padding, no packed sequences, no keys before it (a whole prompt, or a chunked prompt's first chunk:
-``compiles``). On an H200 (torch 2.11) the same graph gave a
-left-padded batch of three rows logits 0.12 away from the eager forward's while single plain rows matched to
-4e-7; the cause is not found, and the CPU's kernels give the eager logits in every case. Batches of several
-rows, padding, the later chunks of a prompt (``prefill_chunk_size``) and continued caches run the eager forward:
-the same attention.
+``compiles``). On an H200 (torch 2.11) the same graph gave a left-padded batch of three rows logits 0.12 away
+from the eager forward's while single plain rows matched to 4e-7; the cause is not found, and the CPU's kernels
+give the eager logits in every case. Batches of several rows, padding, the later chunks of a prompt
+(``prefill_chunk_size``) and continued caches run the eager forward: the same attention.
 
 One compiled forward per decoder class and process (``torch.compile`` of the class's forward, ``dynamic=True``)
 serves every prompt length, cache kind and instance of the class: lengths are symbolic, and the weights are the
@@ -50,7 +49,8 @@ def _compiled_forward(decoder_type: type):
 
 def compiles(plan) -> bool:
     """Whether the forward ``plan`` describes, under the current grad mode, takes the compiled forward (when the
-    patch asks for it): a whole prompt of one row, no gradients, not inside another compiled call."""
+    patch asks for it): one plain row with no keys before its queries, no gradients, not inside another
+    compiled call."""
     rows, queries = plan.query_pos.shape
     if rows != 1 or queries == 1 or plan.kv_len != queries or torch.is_grad_enabled():
         return False
