@@ -63,8 +63,8 @@ def decoder_forward(decoder: torch.nn.Module, state, *args, **kwargs):
     if not compiles(plan):
         return type(decoder).forward(decoder, *args, **kwargs)
     plan.any_generated()  # looked at once here, as the eager forward does (plain() by compiles): full layers keep sdpa
-    # no duck sizing: a prompt of 16 tokens is not a cache of 16 slots, nor the model's 2 KV heads a batch of 2
-    # (each equal pair seen at the first compilation would become a guard)
+    # no duck sizing: a prompt as long as another size of the first call (a static cache's slots) is not that size
+    # (each equal pair seen at the first compilation would become a guard, and another length a recompilation)
     with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)), \
             torch.fx.experimental._config.patch(use_duck_shape=False):
         return _compiled_forward(type(decoder))(decoder, *args, **kwargs)
