@@ -92,6 +92,7 @@ class RingSlots:
         self.seen = 0  # dynamic: slots of tokens seen so far (a bound on every position + 1)
         self.positions: torch.Tensor | None = None
         self.write_index: torch.Tensor | None = None  # (batch, q_len): slot of each incoming key, this forward
+        self.handed = 0  # held slots the ring layers hand attention this forward, before the incoming keys
         self.pending: set[int] = set()  # ring layers that have not stored this forward's keys yet
 
     def allocate(self, batch_size: int, device: torch.device) -> None:
@@ -100,25 +101,28 @@ class RingSlots:
             torch._dynamo.mark_static_address(self.positions)
 
     def begin_forward(self, plan: Plan, layers: set[int]) -> torch.Tensor:
-        """Work out where each incoming key goes; return the positions (batch, held + q_len) of the keys the
-        ring layers hand attention: the held ones, then the incoming ones."""
+        """Work out where each incoming key goes; return the positions (batch, handed + q_len) of the keys the
+        ring layers hand attention: the held ones, then the incoming ones. A dynamic ring that has seen nothing
+        hands only the incoming keys (its empty slots would shift every key off FlexAttention's 128-key blocks
+        and cost a copy of every key)."""
         if plan.query_seq is not None:
             raise ValueError(
                 "swaa's bounded KV cache cannot hold packed sequences (positions restart inside a row); run packed"
                 " batches without a cache (use_cache=False) or patch with bounded_cache=False"
             )
         incoming = plan.query_pos
+        fresh = not self.static and not self.seen
         if not self.static:
             self._grow(incoming.shape[1], incoming)
+        self.handed = 0 if fresh else self.slots
         if self.positions is None:
             self.allocate(incoming.shape[0], incoming.device)
-        held = self.positions[:, : self.slots]
         # the row's latest position (the scratch slot only ever holds positions seen before, never later ones)
         last = torch.maximum(self.positions.amax(-1, keepdim=True), incoming.amax(-1, keepdim=True))
         later = (incoming >= 0) & still_visible(self.rule, incoming, last + 1)
         slot = ring_slot(self.rule, incoming, self.slots)
         self.write_index = torch.where(later, slot, self.slots)
-        key_pos = torch.cat([held, incoming], dim=-1)
+        key_pos = torch.cat([self.positions[:, : self.handed], incoming], dim=-1) if self.handed else incoming
         self.positions.scatter_(1, self.write_index, incoming)
         self.pending = set(layers)
         return key_pos
@@ -158,7 +162,7 @@ class RingSlots:
 class RingLayer(CacheLayerMixin):
     """Cache layer of an SWA layer without FA decode: keeps the sinks and the latest keys in the slots of
     ``RingSlots``. keys, values: (batch, kv_heads, slots + 1, head_dim); their last slot is scratch. Hands
-    attention the held keys followed by the incoming ones: (batch, kv_heads, slots + q_len, d).
+    attention the held keys followed by the incoming ones: (batch, kv_heads, ring.handed + q_len, d).
     """
 
     is_sliding = True
@@ -205,8 +209,9 @@ class RingLayer(CacheLayerMixin):
         slots = self.ring.slots
         if self.keys.shape[2] != slots + 1:
             self.keys, self.values = self._grown(self.keys), self._grown(self.values)
-        keys = torch.cat([self.keys[:, :, :slots], key_states], dim=-2)
-        values = torch.cat([self.values[:, :, :slots], value_states], dim=-2)
+        handed = self.ring.handed
+        keys = torch.cat([self.keys[:, :, :handed], key_states], dim=-2) if handed else key_states
+        values = torch.cat([self.values[:, :, :handed], value_states], dim=-2) if handed else value_states
         index = self.ring.write_index.to(self.device)[:, None, :, None]
         self.keys.scatter_(2, index.expand(-1, key_states.shape[1], -1, key_states.shape[-1]), key_states)
         self.values.scatter_(2, index.expand(-1, value_states.shape[1], -1, value_states.shape[-1]), value_states)
@@ -289,7 +294,10 @@ class _SWAACacheMixin:
         if self.ring is None:
             return plan
         rings = {layer.layer_idx for layer in self.layers if isinstance(layer, RingLayer)}
-        return plan.with_ring(self.ring.begin_forward(plan, rings), frozenset(rings))
+        key_pos = self.ring.begin_forward(plan, rings)
+        if not self.ring.handed and plan.kv_len == key_pos.shape[1]:
+            return plan  # a fresh ring hands the forward's own keys: its layers attend as the others
+        return plan.with_ring(key_pos, frozenset(rings))
 
     def stored_lengths(self) -> list[int]:
         """Key slots each layer holds (ring layers: at most sinks + window - 1): what the memory benchmark reads."""
