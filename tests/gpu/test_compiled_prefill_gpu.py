@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from torch._inductor.compile_fx import compile_fx
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
@@ -39,10 +40,25 @@ def run(model, rows, total, seed, **kwargs):
     return model.generate(ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False, **kwargs)
 
 
-def pair(family):
+@pytest.fixture
+def prefill_graphs(monkeypatch):
+    """The graphs the compiled prefill builds, through inductor with its options (the eager forward's FlexAttention
+    and generate's decode step compile graphs of their own, which torch's counters would count too)."""
+    graphs, options = [], prefill.COMPILE_OPTIONS["options"]
+
+    def inductor(graph, example_inputs):
+        graphs.append(graph)
+        return compile_fx(graph, example_inputs, config_patches=options)
+
+    monkeypatch.setattr(prefill, "COMPILE_OPTIONS", {"dynamic": True, "backend": inductor})
     torch._dynamo.reset()
     counters.clear()
     prefill._compiled_forward.cache_clear()
+    yield graphs
+    prefill._compiled_forward.cache_clear()
+
+
+def pair(family):
     compiled, eager = model_of(family), model_of(family)
     swaa.patch_model(compiled, **CONFIG, compile_prefill=True)
     swaa.patch_model(eager, **CONFIG)
@@ -50,21 +66,31 @@ def pair(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_prompt_of_one_row_gives_the_eager_tokens_in_one_graph(family):
+def test_a_prompt_of_one_row_gives_the_eager_tokens_in_one_graph(family, prefill_graphs):
     """Lengths 300 and 517 (the window's edge, sinks, a partial last FlexAttention block) in one graph."""
     compiled, eager = pair(family)
     assert torch.equal(run(compiled, [300], 300, 1), run(eager, [300], 300, 1))
-    graphs = int(counters["stats"]["unique_graphs"])
+    graphs = len(prefill_graphs)
     assert graphs >= 1 and not counters["graph_break"]
     assert torch.equal(run(compiled, [517], 517, 2), run(eager, [517], 517, 2))
-    assert int(counters["stats"]["unique_graphs"]) == graphs
+    assert len(prefill_graphs) == graphs, [str(graph.graph)[:300] for graph in prefill_graphs]
 
 
-def test_batches_padding_and_later_chunks_take_the_eager_prefill():
+def test_ring_layers_give_the_eager_tokens(prefill_graphs):
+    """FA decode off: a first prompt onto the SWA layers' empty ring caches, FlexAttention over its own keys."""
+    fields = {**CONFIG, "fa_decode": False}
+    compiled, eager = model_of("qwen3"), model_of("qwen3")
+    swaa.patch_model(compiled, **fields, compile_prefill=True)
+    swaa.patch_model(eager, **fields)
+    for seed, length in enumerate((300, 517)):
+        assert torch.equal(run(compiled, [length], length, seed), run(eager, [length], length, seed))
+    assert len(prefill_graphs) >= 1 and not counters["graph_break"]
+
+
+def test_batches_padding_and_later_chunks_take_the_eager_prefill(prefill_graphs):
     compiled, eager = pair("qwen3")
-    for rows in ([300, 211, 40], [300, 300], [250]):
-        assert torch.equal(run(compiled, rows, 300, 1), run(eager, rows, 300, 1))
-    assert int(counters["stats"]["unique_graphs"]) == 0
-    # chunks among a static cache's slots (generate then compiles its decode step, so no graph count here)
     static = dict(cache_implementation="static", prefill_chunk_size=128, max_cache_len=600)
-    assert torch.equal(run(compiled, [300], 300, 1, **static), run(eager, [300], 300, 1, **static))
+    for rows, kind in (([300, 211, 40], {}), ([300, 300], {}), ([250], {}), ([300], static)):
+        assert torch.equal(run(compiled, rows, 300, 1, **kind), run(eager, rows, 300, 1, **kind))
+    # a static cache's first chunk has the cache's slots as keys, not only its own
+    assert prefill_graphs == []
