@@ -93,6 +93,7 @@ class RingSlots:
         self.positions: torch.Tensor | None = None
         self.write_index: torch.Tensor | None = None  # (batch, q_len): slot of each incoming key, this forward
         self.handed = 0  # held slots the ring layers hand attention this forward, before the incoming keys
+        self.fresh = True  # no forward since the ring was made or reset
         self.pending: set[int] = set()  # ring layers that have not stored this forward's keys yet
 
     def allocate(self, batch_size: int, device: torch.device) -> None:
@@ -102,19 +103,19 @@ class RingSlots:
 
     def begin_forward(self, plan: Plan, layers: set[int]) -> torch.Tensor:
         """Work out where each incoming key goes; return the positions (batch, handed + q_len) of the keys the
-        ring layers hand attention: the held ones, then the incoming ones. A dynamic ring that has seen nothing
-        hands only the incoming keys (its empty slots would shift every key off FlexAttention's 128-key blocks
-        and cost a copy of every key)."""
+        ring layers hand attention: the held ones, then the incoming ones. A fresh ring hands only the incoming
+        keys (its empty slots would shift every key off FlexAttention's 128-key blocks and cost a copy of every
+        key); a compiled decode step never sees a fresh ring, so its shapes stay fixed."""
         if plan.query_seq is not None:
             raise ValueError(
                 "swaa's bounded KV cache cannot hold packed sequences (positions restart inside a row); run packed"
                 " batches without a cache (use_cache=False) or patch with bounded_cache=False"
             )
         incoming = plan.query_pos
-        fresh = not self.static and not self.seen
         if not self.static:
             self._grow(incoming.shape[1], incoming)
-        self.handed = 0 if fresh else self.slots
+        self.handed = 0 if self.fresh else self.slots
+        self.fresh = False
         if self.positions is None:
             self.allocate(incoming.shape[0], incoming.device)
         # the row's latest position (the scratch slot only ever holds positions seen before, never later ones)
@@ -153,6 +154,7 @@ class RingSlots:
             self.positions = self.positions.repeat_interleave(repeats, dim=0)
 
     def reset(self) -> None:
+        self.fresh = True
         if self.positions is not None:
             self.positions.fill_(-1)
         if not self.static:

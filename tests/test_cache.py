@@ -98,7 +98,8 @@ def test_left_padding_sinks_are_each_rows_first_real_tokens():
     assert held(cache) == [[0, 1, 18, 19, 20], [0, 1, 7, 8, 9], [-1, 0, 1, 2, 3]]
 
 
-def test_chunked_prefill_attends_to_at_most_sink_window_and_chunk_keys(monkeypatch):
+@pytest.mark.parametrize("cache", [{}, dict(cache_implementation="static", max_cache_len=40)])
+def test_chunked_prefill_attends_to_at_most_sink_window_and_chunk_keys(monkeypatch, cache):
     """With the bounded cache and prefill_chunk_size, no bounded layer ever builds a prompt-long mask."""
     fields, chunk = dict(window=3, sink=2, interleave=2, fa_decode=False), 4
     seen = []
@@ -116,13 +117,13 @@ def test_chunked_prefill_attends_to_at_most_sink_window_and_chunk_keys(monkeypat
     monkeypatch.setattr(backends, "select", spying_select)
     model = tiny_model("qwen3")
     ids, mask = left_padded([30, 25], total=30, seed=15)
-    generate(model, fields, ids, mask, True, new=3, prefill_chunk_size=chunk)
+    generate(model, fields, ids, mask, True, new=3, prefill_chunk_size=chunk, **cache)
     bounded = [(q, k, n) for rule, q, k, n in seen if not rule.is_full]
     first = model.config.num_hidden_layers // 2  # the bounded layers' calls of the first chunk (interleave 2)
     # the first chunk, onto an empty ring, sees its own keys only; later forwards the ring's 4 slots too
     assert all(k == n == q == chunk for q, k, n in bounded[:first])
     assert len(bounded) > first and all(k == n == 2 + 3 - 1 + q <= 2 + 3 - 1 + chunk for q, k, n in bounded[first:])
-    assert max(k for rule, q, k, n in seen if rule.is_full) == 30 + 3 - 1
+    assert max(k for rule, q, k, n in seen if rule.is_full) == cache.get("max_cache_len", 30 + 3 - 1)
 
 
 def test_multi_turn_reuse_equals_unbounded():

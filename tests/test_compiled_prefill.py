@@ -159,8 +159,8 @@ def test_every_family_compiles_its_prefill_without_graph_breaks(family):
 
 
 def test_ring_layers_give_the_eager_tokens_over_every_length():
-    """FA decode off: the SWA layers keep a ring cache, which a first prompt finds empty (it hands attention only
-    the prompt's keys); then a continued cache, whose ring's keys come first, runs eagerly."""
+    """FA decode off: the SWA layers keep a ring cache (dynamic or static), which a first prompt finds empty (it
+    hands attention only the prompt's keys); then a continued cache, whose ring's keys come first, runs eagerly."""
     fields = dict(window=8, sink=2, interleave=2, fa_decode=False)
     compiled, eager = two_layer_model("qwen3"), two_layer_model("qwen3")
     swaa.patch_model(compiled, **fields, compile_prefill=True)
@@ -168,13 +168,18 @@ def test_ring_layers_give_the_eager_tokens_over_every_length():
     for seed, length in enumerate((37, 150)):
         assert_same(generate(compiled, [length], length, seed), generate(eager, [length], length, seed))
     assert compiled_graphs() == 1
+    static = dict(cache_implementation="static", max_cache_len=200)  # a static ring: fresh for each generate
+    for seed, length in enumerate((37, 150)):
+        assert_same(generate(compiled, [length], length, seed, **static),
+                    generate(eager, [length], length, seed, **static))
+    graphs = compiled_graphs()
     first = generate(compiled, [37], 37)
     ids = torch.cat([first.sequences, left_padded([9], 9)[0]], dim=1)
     held = first.past_key_values.get_seq_length()  # the prompt and every generated token but the last
     with torch.no_grad():
         continued = compiled(ids[:, held:], past_key_values=first.past_key_values).logits
         expected = eager(ids).logits[:, held:]
-    assert (continued - expected).abs().max() < 1e-6 and compiled_graphs() == 1
+    assert (continued - expected).abs().max() < 1e-6 and compiled_graphs() == graphs
 
 
 def test_training_and_decode_steps_stay_eager(pair):
