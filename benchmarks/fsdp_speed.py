@@ -119,8 +119,8 @@ def launch(args, gpus: int, result: str) -> list[dict]:
     forwarded = ["--seq-lens", *map(str, args.seq_lens), "--attentions", *args.attentions, "--window", str(args.window),
                  "--sink", str(args.sink), "--interleave", str(args.interleave), "--steps", str(args.steps),
                  "--warmup", str(args.warmup)] + (["--smoke"] if args.smoke else [])
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_port",
-               str(29551 + gpus), os.path.abspath(__file__), *forwarded, "--worker", result]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--standalone",
+               os.path.abspath(__file__), *forwarded, "--worker", result]
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         log = f"{result}.log"

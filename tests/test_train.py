@@ -362,7 +362,7 @@ def test_finetune_example_runs_under_ddp_with_two_processes(tmp_path):
     PeftModel inside DistributedDataParallel, gradient checkpointing and packing on; rank 0 saves."""
     out = tmp_path / "ddp"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
          os.path.join(ROOT, "examples", "finetune_lora.py"), "--tiny", "--output-dir", str(out), "--max-steps", "2",
          "--num-examples", "24", "--eval-examples", "8", "--per-device-train-batch-size", "2",
          "--gradient-checkpointing", "--packing"],
@@ -403,7 +403,7 @@ def test_lora_on_a_patched_model_sharded_with_fsdp2_matches_one_process():
     ATEN_CPU_CAPABILITY=default), so no fixed bound carries between machines: the yardstick is measured."""
     families = ["qwen3", "mistral", "llama", "qwen3+bf16", "llama+bf16"]
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
          os.path.join(ROOT, "tests", "fsdp_worker.py"), *families],
         capture_output=True, text=True, timeout=300, cwd=os.path.join(ROOT, "tests"),
         env={**os.environ, "PYTHONPATH": ROOT},
