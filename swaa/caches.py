@@ -76,6 +76,11 @@ def static_key_slots(cache: Cache | None, past_len) -> int | None:
     return cache.get_max_length()
 
 
+def _held_then_incoming(held: torch.Tensor, incoming: torch.Tensor, dim: int) -> torch.Tensor:
+    """What a ring hands attention: the held slots, then the incoming ones (no copy when it hands none)."""
+    return torch.cat([held, incoming], dim=dim) if held.shape[dim] else incoming
+
+
 class RingSlots:
     """Which position each slot of the cache's ring layers holds, shared by those layers.
 
@@ -123,7 +128,7 @@ class RingSlots:
         later = (incoming >= 0) & still_visible(self.rule, incoming, last + 1)
         slot = ring_slot(self.rule, incoming, self.slots)
         self.write_index = torch.where(later, slot, self.slots)
-        key_pos = torch.cat([self.positions[:, : self.handed], incoming], dim=-1) if self.handed else incoming
+        key_pos = _held_then_incoming(self.positions[:, : self.handed], incoming, dim=-1)
         self.positions.scatter_(1, self.write_index, incoming)
         self.pending = set(layers)
         return key_pos
@@ -212,8 +217,8 @@ class RingLayer(CacheLayerMixin):
         if self.keys.shape[2] != slots + 1:
             self.keys, self.values = self._grown(self.keys), self._grown(self.values)
         handed = self.ring.handed
-        keys = torch.cat([self.keys[:, :, :handed], key_states], dim=-2) if handed else key_states
-        values = torch.cat([self.values[:, :, :handed], value_states], dim=-2) if handed else value_states
+        keys = _held_then_incoming(self.keys[:, :, :handed], key_states, dim=-2)
+        values = _held_then_incoming(self.values[:, :, :handed], value_states, dim=-2)
         index = self.ring.write_index.to(self.device)[:, None, :, None]
         self.keys.scatter_(2, index.expand(-1, key_states.shape[1], -1, key_states.shape[-1]), key_states)
         self.values.scatter_(2, index.expand(-1, value_states.shape[1], -1, value_states.shape[-1]), value_states)
