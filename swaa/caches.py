@@ -76,6 +76,24 @@ def static_key_slots(cache: Cache | None, past_len) -> int | None:
     return cache.get_max_length()
 
 
+# what a static layer's first update marks as a fixed address (transformers' StaticLayer, RingLayer)
+FIXED_ADDRESS_TENSORS = ("keys", "values", "cumulative_length")
+
+
+def mark_fixed_addresses(cache: Cache | None) -> None:
+    """Mark a static cache's tensors as fixed addresses, as its layers' first update does when it runs eagerly.
+    Run inside a compiled graph (the compiled prefill on a fresh cache), that update cannot mark them (dynamo
+    does not mark while tracing), and the compiled decode step then mutates inputs it takes for new ones:
+    inductor skips its CUDA graphs (on an H200, 16.5 ms a token instead of 8.7)."""
+    if cache is None or not cache.is_compileable:
+        return
+    for layer in cache.layers:
+        if layer.is_initialized:
+            for name in FIXED_ADDRESS_TENSORS:
+                if isinstance(tensor := getattr(layer, name, None), torch.Tensor):
+                    torch._dynamo.mark_static_address(tensor)
+
+
 def _held_then_incoming(held: torch.Tensor, incoming: torch.Tensor, dim: int) -> torch.Tensor:
     """What a ring hands attention: the held slots, then the incoming ones (no copy when it hands none)."""
     return torch.cat([held, incoming], dim=dim) if held.shape[dim] else incoming

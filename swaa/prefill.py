@@ -2,7 +2,7 @@
 through ``torch.compile`` with dynamic shapes.
 
 An option, off by default: on an H200 (Qwen3-4B shape, 36 layers) the first prompt costs about 3 minutes of
-compilation, and prompts then reach their first token 20-25% sooner at 16k, 11-23% at 128k
+compilation, and prompts then reach their first token 20-25% sooner at 16k, 10-25% at 128k
 (docs/performance.md).
 
 transformers compiles only the decode step (one query, static shapes) and runs the prompt eagerly, where the
@@ -33,6 +33,8 @@ import functools
 import torch
 
 from .attention import CONTEXT_KWARG
+from .caches import mark_fixed_addresses
+from .compat import cache_argument
 
 
 # A ring layer's cache write has no user but the graph's output, and reads the keys; moved later, it keeps them
@@ -70,4 +72,6 @@ def decoder_forward(decoder: torch.nn.Module, state, *args, **kwargs):
     # (each equal pair seen at the first compilation would become a guard, and another length a recompilation)
     with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)), \
             torch.fx.experimental._config.patch(use_duck_shape=False):
-        return _compiled_forward(type(decoder))(decoder, *args, **kwargs)
+        output = _compiled_forward(type(decoder))(decoder, *args, **kwargs)
+    mark_fixed_addresses(cache_argument(kwargs))  # a fresh static cache's layers were made inside the graph
+    return output

@@ -9,9 +9,9 @@ import pickle
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
+from torch._dynamo.utils import counters, get_static_address_type
 
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import swaa
 from swaa import prefill
@@ -180,6 +180,30 @@ def test_ring_layers_give_the_eager_tokens_over_every_length():
         continued = compiled(ids[:, held:], past_key_values=first.past_key_values).logits
         expected = eager(ids).logits[:, held:]
     assert (continued - expected).abs().max() < 1e-6 and compiled_graphs() == graphs
+
+
+def fixed_addresses(cache) -> list[dict]:
+    """Per layer, how each of its tensors is marked for compiled steps (``None``: not a fixed address)."""
+    return [{name: get_static_address_type(value) for name, value in vars(layer).items()
+             if isinstance(value, torch.Tensor)} for layer in cache.layers]
+
+
+@pytest.mark.parametrize("cache", ["swaa's static cache", "a StaticCache of the caller's"])
+@pytest.mark.parametrize("fa_decode", [True, False])  # static layers that keep every key; ring layers
+def test_a_static_cache_first_filled_in_the_graph_keeps_fixed_addresses(cache, fa_decode):
+    """A static layer makes its tensors on its first update and marks them as fixed addresses, which a compiled
+    decode step needs to run as a CUDA graph; made inside the compiled prefill they could not be marked there
+    (on an H200 every decode step then ran without CUDA graphs). After the prefill, the marks are the eager ones."""
+    marks = []
+    for compile_prefill in (True, False):
+        model = swaa.patch_model(two_layer_model("qwen3"), **CONFIG, fa_decode=fa_decode,
+                                 compile_prefill=compile_prefill)
+        static = (dict(cache_implementation="static", max_cache_len=64) if cache.startswith("swaa") else
+                  dict(past_key_values=StaticCache(config=model.config, max_cache_len=64)))
+        marks.append(fixed_addresses(generate(model, [37], 37, **static).past_key_values))
+    compiled, eager = marks
+    assert compiled_graphs() == 1
+    assert compiled == eager and all(mark is not None for layer in eager for mark in layer.values())
 
 
 def test_training_and_decode_steps_stay_eager(pair):
