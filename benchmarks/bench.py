@@ -585,7 +585,7 @@ def main(argv: list[str] | None = None) -> dict:
                               "compiled_graphs", "cudagraph_skips", "error"], result["decode"]))
     if result["end_to_end"]:
         print(markdown_table(["path", "length", "new_tokens", "seconds", "speedup", "ttft_s", "tpot_ms",
-                              "first_call_s", "error"], result["end_to_end"]))
+                              "first_call_s", "cudagraph_skips", "error"], result["end_to_end"]))
     if breakdown := [row for row in [*result["decode"], *result["end_to_end"]] if "gpu_busy_ms" in row]:
         print(markdown_table(["path", "length", "step_wall_ms", "gpu_busy_ms", "host_ms",
                               *[f"{kind}_ms" for kind in [*KERNEL_KINDS, "other"]], "kernels_per_token"], breakdown))
