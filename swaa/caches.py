@@ -76,7 +76,7 @@ def static_key_slots(cache: Cache | None, past_len) -> int | None:
     return cache.get_max_length()
 
 
-# what a static layer's first update marks as a fixed address (transformers' StaticLayer, RingLayer)
+# what a static layer's first update marks as a fixed address (transformers' StaticLayer, and RingLayer)
 FIXED_ADDRESS_TENSORS = ("keys", "values", "cumulative_length")
 
 
@@ -206,9 +206,9 @@ class RingLayer(CacheLayerMixin):
         self.values = self._empty(value_states)
         if self.ring.static:
             self.cumulative_length = self.cumulative_length.to(self.device)
-            if not torch.compiler.is_compiling():
-                for tensor in (self.keys, self.values, self.cumulative_length):
-                    torch._dynamo.mark_static_address(tensor)
+            if not torch.compiler.is_compiling():  # else the compiled prefill marks them after its graph
+                for name in FIXED_ADDRESS_TENSORS:
+                    torch._dynamo.mark_static_address(getattr(self, name))
         self.is_initialized = True
 
     def _empty(self, states: torch.Tensor) -> torch.Tensor:
