@@ -89,9 +89,13 @@ def mark_fixed_addresses(cache: Cache | None) -> None:
         return
     for layer in cache.layers:
         if layer.is_initialized:
-            for name in FIXED_ADDRESS_TENSORS:
-                if isinstance(tensor := getattr(layer, name, None), torch.Tensor):
-                    torch._dynamo.mark_static_address(tensor)
+            _mark_fixed_addresses_of(layer)
+
+
+def _mark_fixed_addresses_of(layer: CacheLayerMixin) -> None:
+    for name in FIXED_ADDRESS_TENSORS:
+        if isinstance(tensor := getattr(layer, name, None), torch.Tensor):
+            torch._dynamo.mark_static_address(tensor)
 
 
 def _held_then_incoming(held: torch.Tensor, incoming: torch.Tensor, dim: int) -> torch.Tensor:
@@ -207,8 +211,7 @@ class RingLayer(CacheLayerMixin):
         if self.ring.static:
             self.cumulative_length = self.cumulative_length.to(self.device)
             if not torch.compiler.is_compiling():  # else the compiled prefill marks them after its graph
-                for name in FIXED_ADDRESS_TENSORS:
-                    torch._dynamo.mark_static_address(getattr(self, name))
+                _mark_fixed_addresses_of(self)
         self.is_initialized = True
 
     def _empty(self, states: torch.Tensor) -> torch.Tensor:

@@ -58,11 +58,11 @@ def prefill_graphs(monkeypatch):
     prefill._compiled_forward.cache_clear()
 
 
-def pair(family):
-    compiled, eager = model_of(family), model_of(family)
-    swaa.patch_model(compiled, **CONFIG, compile_prefill=True)
-    swaa.patch_model(eager, **CONFIG)
-    return compiled, eager
+def pair(family, **fields):
+    """The same model patched twice (``CONFIG`` with ``fields``): with the compiled prefill, and eagerly."""
+    fields = {**CONFIG, **fields}
+    return (swaa.patch_model(model_of(family), **fields, compile_prefill=True),
+            swaa.patch_model(model_of(family), **fields))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -78,10 +78,7 @@ def test_a_prompt_of_one_row_gives_the_eager_tokens_in_one_graph(family, prefill
 
 def test_ring_layers_give_the_eager_tokens(prefill_graphs):
     """FA decode off: a first prompt onto the SWA layers' empty ring caches, FlexAttention over its own keys."""
-    fields = {**CONFIG, "fa_decode": False}
-    compiled, eager = model_of("qwen3"), model_of("qwen3")
-    swaa.patch_model(compiled, **fields, compile_prefill=True)
-    swaa.patch_model(eager, **fields)
+    compiled, eager = pair("qwen3", fa_decode=False)
     assert torch.equal(run(compiled, [300], 300, 1), run(eager, [300], 300, 1))
     graphs = len(prefill_graphs)
     assert graphs >= 1 and not counters["graph_break"]
@@ -102,10 +99,7 @@ def test_batches_padding_and_later_chunks_take_the_eager_prefill(prefill_graphs)
 def test_decode_steps_after_a_compiled_prefill_run_as_cuda_graphs(fa_decode, prefill_graphs):
     """A fresh static cache is first filled inside the compiled prefill; its tensors must still be fixed
     addresses, else inductor skips the decode step's CUDA graphs (on an H200: 16.5 ms a token, not 8.7)."""
-    fields = {**CONFIG, "fa_decode": fa_decode}
-    compiled, eager = model_of("qwen3"), model_of("qwen3")
-    swaa.patch_model(compiled, **fields, compile_prefill=True)
-    swaa.patch_model(eager, **fields)
+    compiled, eager = pair("qwen3", fa_decode=fa_decode)
     # without the marks, a cache of 400 slots still ran as CUDA graphs on the H200; one of 9000 did not
     static = dict(cache_implementation="static", max_cache_len=9000)
     assert torch.equal(run(compiled, [300], 300, 1, **static), run(eager, [300], 300, 1, **static))
