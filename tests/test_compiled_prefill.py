@@ -60,13 +60,16 @@ def assert_same(compiled, eager):
     assert max((c - e).abs().max().item() for c, e in zip(compiled.logits, eager.logits)) < 1e-6
 
 
+def patched_pair(family: str = "qwen3", **fields):
+    """The same tiny model patched twice (``CONFIG`` with ``fields``): with the compiled prefill, and eagerly."""
+    fields = {**CONFIG, **fields}
+    return (swaa.patch_model(two_layer_model(family), **fields, compile_prefill=True),
+            swaa.patch_model(two_layer_model(family), **fields))
+
+
 @pytest.fixture
 def pair():
-    """The same tiny Qwen3 patched twice: with the compiled prefill, and eagerly."""
-    compiled, eager = two_layer_model("qwen3"), two_layer_model("qwen3")
-    swaa.patch_model(compiled, **CONFIG, compile_prefill=True)
-    swaa.patch_model(eager, **CONFIG)
-    return compiled, eager
+    return patched_pair()
 
 
 def test_one_compilation_per_kind_of_cache_serves_every_length(pair):
@@ -151,9 +154,7 @@ def test_each_layer_frees_its_keys_inside_the_compiled_graph():
 # qwen3_moe left out: its eager experts loop picks experts by value (data-dependent), a graph break per layer
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"qwen3", "qwen3_moe"}))
 def test_every_family_compiles_its_prefill_without_graph_breaks(family):
-    compiled, eager = two_layer_model(family), two_layer_model(family)
-    swaa.patch_model(compiled, **CONFIG, compile_prefill=True)
-    swaa.patch_model(eager, **CONFIG)
+    compiled, eager = patched_pair(family)
     assert_same(generate(compiled, [29], 29), generate(eager, [29], 29))
     assert compiled_graphs() == 1 and not counters["graph_break"]
 
@@ -161,10 +162,7 @@ def test_every_family_compiles_its_prefill_without_graph_breaks(family):
 def test_ring_layers_give_the_eager_tokens_over_every_length():
     """FA decode off: the SWA layers keep a ring cache (dynamic or static), which a first prompt finds empty (it
     hands attention only the prompt's keys); then a continued cache, whose ring's keys come first, runs eagerly."""
-    fields = dict(window=8, sink=2, interleave=2, fa_decode=False)
-    compiled, eager = two_layer_model("qwen3"), two_layer_model("qwen3")
-    swaa.patch_model(compiled, **fields, compile_prefill=True)
-    swaa.patch_model(eager, **fields)
+    compiled, eager = patched_pair(fa_decode=False)
     for seed, length in enumerate((37, 150)):
         assert_same(generate(compiled, [length], length, seed), generate(eager, [length], length, seed))
     assert compiled_graphs() == 1
@@ -188,16 +186,18 @@ def fixed_addresses(cache) -> list[dict]:
              if isinstance(value, torch.Tensor)} for layer in cache.layers]
 
 
-@pytest.mark.parametrize("cache", ["swaa's static cache", "a StaticCache of the caller's"])
+@pytest.mark.parametrize("family, cache", [
+    ("qwen3", "swaa's static cache"),
+    ("qwen3", "a StaticCache of the caller's"),
+    ("mistral", "swaa's static cache"),  # its own config's sliding window (a caller's StaticCache would be refused)
+])
 @pytest.mark.parametrize("fa_decode", [True, False])  # static layers that keep every key; ring layers
-def test_a_static_cache_first_filled_in_the_graph_keeps_fixed_addresses(cache, fa_decode):
+def test_a_static_cache_first_filled_in_the_graph_keeps_fixed_addresses(family, cache, fa_decode):
     """A static layer makes its tensors on its first update and marks them as fixed addresses, which a compiled
     decode step needs to run as a CUDA graph; made inside the compiled prefill they could not be marked there
     (on an H200 every decode step then ran without CUDA graphs). After the prefill, the marks are the eager ones."""
     marks = []
-    for compile_prefill in (True, False):
-        model = swaa.patch_model(two_layer_model("qwen3"), **CONFIG, fa_decode=fa_decode,
-                                 compile_prefill=compile_prefill)
+    for model in patched_pair(family, fa_decode=fa_decode):
         static = (dict(cache_implementation="static", max_cache_len=64) if cache.startswith("swaa") else
                   dict(past_key_values=StaticCache(config=model.config, max_cache_len=64)))
         marks.append(fixed_addresses(generate(model, [37], 37, **static).past_key_values))
