@@ -137,7 +137,7 @@ def kernel_rows(lengths: list[int], heads: int = 32, kv_heads: int = 8, head_dim
 def _decode_kernel_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, copy_rate: float) -> list[dict]:
     """One generated token's attention against ``key.shape[2]`` cached tokens: in a cache that holds exactly
     them (PyTorch's fused kernel, no mask), and in a static cache of twice as many slots, half unwritten, as
-    a compiled decode step sees it (with a mask: swaa's grouped products, which read every slot, and
+    a compiled decode step sees it (with a mask: cuDNN's kernel through ``reference.attend``, which reads every slot, and
     FlexAttention's decoding kernel, which visits only the blocks its block mask lists). Each compiled, as in
     the decode step. The floor reads the written keys and values once."""
     length = key.shape[2]
@@ -150,7 +150,7 @@ def _decode_kernel_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     slots = torch.cat([key, torch.zeros_like(key)], 2), torch.cat([value, torch.zeros_like(value)], 2)
     cases = {
         "decode, FA-decode layer, written cache, sdpa": (sdpa.attend, key, value, written),
-        "decode, FA-decode layer, half-written static cache, grouped products": (reference.attend, *slots, static),
+        "decode, FA-decode layer, half-written static cache, masked sdpa": (reference.attend, *slots, static),
         # FlexAttention's decoding kernel, for comparison only: no backend takes it for a decode step
         "decode, FA-decode layer, half-written static cache, flex (benchmark only)": (flex.attend, *slots, static),
     }

@@ -8,7 +8,7 @@ that keeps only ``rules.kept_keys`` keys, or fewer while the context is shorter 
 
 Sizing, in one place (``SizingPlan``): a dynamic ring grows with the context (doubling, never past
 ``kept_keys``); a static ring holds ``min(kept_keys, max_cache_len)`` slots, and a static layer that keeps
-every key holds ``max_cache_len`` slots, rounded up to whole decode chunks when long (``in_place_slots``).
+every key holds ``max_cache_len`` slots.
 
 Sinks are the first ``sink`` *real* tokens of each row, so under left padding the slot a token goes to
 depends on its position: ``RingSlots`` keeps the position held by every slot (``-1``: empty), shared by the
@@ -27,19 +27,6 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, Stati
 from .compat import CACHE_KWARG
 from .plan import Plan
 from .rules import LayerRule, forgets_old_keys, kept_keys, ring_slot, still_visible
-
-DECODE_CHUNK = 256  # keys per aligned block of a one-query product (backends.reference reads caches this way)
-SPLIT_FROM_CHUNKS = 32  # from this many whole chunks on, a one-query call sums per-chunk products
-
-
-def in_place_slots(slots: int) -> int:
-    """The number of cache slots, at least ``slots``, whose one-query products read the values where they lie:
-    a long cache in whole chunks. The chunked product views each row's values as (chunks, chunk, d); over
-    whole chunks of the full tensor that view is one strided batch, over part of a longer row it is not, and
-    the product first copies every value (on an H200 at 128k: 124 us of each layer's step, a quarter of it)."""
-    if slots < SPLIT_FROM_CHUNKS * DECODE_CHUNK:
-        return slots
-    return -(-slots // DECODE_CHUNK) * DECODE_CHUNK
 
 
 def new_cache(rules: tuple[LayerRule, ...], bounded: bool = True) -> DynamicCache:
@@ -367,13 +354,11 @@ class SWAACache(_SWAACacheMixin, DynamicCache):
 
 class SWAAStaticCache(_SWAACacheMixin, StaticCache):
     """Static cache of a patched model, for ``generate(cache_implementation="static")`` and compiled decoding:
-    full-attention and FA-decode layers are fixed layers of ``max_cache_len`` slots (``StaticLayer``; a long
-    cache rounded up to whole chunks, which the decode step reads in place: ``in_place_slots``), bounded
+    full-attention and FA-decode layers are fixed layers of ``max_cache_len`` slots (``StaticLayer``), bounded
     layers (with ``bounded``) fixed rings; every shape is fixed and every update in place, so a decode step
     can be captured in a CUDA graph."""
 
     def __init__(self, rules: tuple[LayerRule, ...], max_cache_len: int, bounded: bool = True):
-        max_cache_len = in_place_slots(max_cache_len)
         Cache.__init__(self, layers=self._layers(
             rules, bounded, max_cache_len, lambda: StaticLayer(max_cache_len=max_cache_len)))
 

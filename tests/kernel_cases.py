@@ -121,11 +121,10 @@ CASES = [
     Case((1,), None, W(2, sink=2), packed=(6, 6)),
     Case((13, 8), 5, W(4, sink=1), keys_shuffled=True),  # a prefill chunk onto a ring's slots
     Case((13, 8), 1, W(4, sink=2), prompt_end=12, keys_shuffled=True),  # decode from a ring
-    # decode over a long cache: the one-query product runs split (reference.DECODE_CHUNK), whole chunks + rest
+    # decode over long caches and odd lengths, padded rows among them
     Case((33 * 256 + 5, 5000), 1, W(64, sink=4, fa_decode=True), prompt_end=33 * 256 + 4),
     Case((33 * 256,), 1, W(64, sink=4), prompt_end=33 * 256 - 1),
-    # fewer than 32 chunks: one product over the whole chunks, one over the rest; the second row's keys all
-    # sit in the rest (its chunk part sees nothing), the third row's in both
+    # rows of very different lengths, left-padded: the shortest sees few of the cache's keys
     Case((300, 40, 200), 1, W(8, sink=2, fa_decode=True), prompt_end=299),
     Case((256 + 3, 100), 1, W(16, sink=3), prompt_end=256 + 2),
 ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from kernel_cases import CASES, make_inputs, reference_output
 
 from swaa import backends
@@ -35,42 +34,10 @@ def test_plan_mask_is_the_rule_and_nothing_else():
         assert not torch.equal(plan.mask(other), expected)
 
 
-class _MatrixProducts(TorchDispatchMode):
-    """Records the operand and result strides of every batched matrix product."""
-
-    def __init__(self):
-        super().__init__()
-        self.products = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        if func in (torch.ops.aten.bmm.default, torch.ops.aten.mm.default):
-            self.products.append([(t.shape, t.stride()) for t in (*args[:2], result)])
-        return result
-
-
-@pytest.mark.parametrize("cache_len", [4130, 33 * 256 + 5, 2148])
-def test_one_query_products_over_many_keys_have_aligned_rows(cache_len):
-    """A decode step's large products must have operands whose rows start every 8 elements (16 bytes in
-    bf16) whatever the cache's length: other row lengths send cuBLAS to its unaligned kernels (the top GPU
-    item of a decode step on an H200). Products over fewer than 256 keys (the rest) may be unaligned."""
-    query = torch.randn(1, 8, 1, 64, dtype=torch.bfloat16)
-    key = torch.randn(1, 2, cache_len, 64, dtype=torch.bfloat16)
-    mask = torch.ones(1, 1, cache_len, dtype=torch.bool)
-    with _MatrixProducts() as recorded:
-        reference._one_query(query, key, torch.randn_like(key), mask, 0.125)
-    large = [p for p in recorded.products if max(max(shape[-2:]) for shape, _ in p) >= 256]
-    assert large
-    for product in large:
-        for shape, stride in product:
-            row = stride[-2] if stride[-1] == 1 else stride[-1]
-            assert row % 8 == 0, f"a product over {cache_len} keys has rows of {row} elements: {product}"
-
-
 @pytest.mark.parametrize("padded", [False, True], ids=["plain", "padded"])
 def test_flex_runs_several_queries_in_flexattention_and_a_decode_step_on_autos_path(monkeypatch, padded):
     """backend='flex': FlexAttention for a prompt; for one query per row the fused kernel over a plain cache,
-    the grouped products over a masked one (never FlexAttention's decoding kernel, slower and not compilable in
+    the reference's masked fused call over a masked one (never FlexAttention's decoding kernel, slower and not compilable in
     a decode step on torch 2.11). The device check is CUDA's; the choice is what is tested here."""
     monkeypatch.setattr(backends, "check_available", lambda name, device: None)
     rule = LayerRule(3, 1, True)

@@ -20,7 +20,7 @@ CONFIGS = {
     "every_layer_swa_bounded": dict(window=48, sink=5, fa_decode=False),
     "fa_decode_every_layer": dict(window=40, sink=3),
     "unbounded_no_fa_decode": dict(window=48, sink=5, fa_decode=False, bounded_cache=False),
-    # backend="flex": FlexAttention for the prompt, the grouped products for the decode steps (compiled)
+    # backend="flex": FlexAttention for the prompt, the masked fused call for the decode steps (compiled)
     "interleave2_flex": dict(window=48, sink=5, interleave=2, backend="flex"),
 }
 
@@ -65,8 +65,8 @@ def test_static_compiled_generate_equals_eager(config, rows, head_dim):
     assert torch.equal(eager, compiled) and torch.equal(eager, chunked)
 
 
-def test_a_long_static_cache_read_in_chunks_compiled_equals_eager():
-    """A cache of 32 chunks or more: the compiled decode product runs split (reference.DECODE_CHUNK)."""
+def test_a_long_static_cache_of_an_odd_length_compiled_equals_eager():
+    """A static cache mostly unwritten, of a length that is no multiple of 8: cuDNN's masked decode kernel."""
     torch._dynamo.reset()
     model = small_model()
     swaa.patch_model(model, **CONFIGS["interleave2_fa_decode_sink"])
