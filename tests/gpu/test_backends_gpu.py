@@ -111,6 +111,35 @@ def test_sdpa_paths_equal_reference(case, dtype):
     check(sdpa.attend, case, dtype)
 
 
+def dense_attention(query, key, value, mask, scaling):
+    """Plain attention at the inputs' precision (products in it, softmax in float32) over ``mask`` (batch, q,
+    k): the baseline of a path that is itself plain PyTorch attention."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = ((query @ key.transpose(-1, -2)) * scaling).masked_fill(~mask[:, None], float("-inf"))
+    weights = torch.nan_to_num(scores.float().softmax(-1)).to(value.dtype)
+    return (weights @ value).transpose(1, 2)
+
+
+def check_decode_over_a_mask(case, dtype, device="cuda"):
+    query, key, value, plan, expected_mask = make_inputs(case, device=device, dtype=dtype)
+    scaling = case.head_dim**-0.5
+    expected = reference_output(query.double(), key.double(), value.double(), expected_mask, scaling)
+    output, _ = reference.attend(query, key, value, rule=case.rule, plan=plan, scaling=scaling)
+    dense = dense_attention(query, key, value, expected_mask.to(device), scaling)
+    assert not output.isnan().any()
+    assert error(output, expected) <= 2 * error(dense, expected) + 1e-3, (error(output, expected), error(dense, expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [c for c in GPU_CASES if c.q_len == 1], ids=str)
+def test_a_decode_step_over_a_mask_is_as_exact_as_dense_attention(case, dtype):
+    """A decode step whose token needs a mask runs ``reference.attend`` (PyTorch's fused attention over the
+    plan's mask: cuDNN on Hopper), a runtime path on the GPU, so its baseline here is plain dense attention at
+    the same precision, not itself."""
+    check_decode_over_a_mask(case, dtype)
+
+
 def long_case(length, rule, batch_lengths=None, q_len=None, prompt_end=None):
     lengths = batch_lengths or (length,)
     return Case(tuple(lengths), q_len, rule, prompt_end, heads=4, kv_heads=1, head_dim=128)
