@@ -52,4 +52,3 @@ def attend(
         )
         output = output * sees_a_key
     return output.transpose(1, 2).contiguous(), weights
-
