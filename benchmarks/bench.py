@@ -137,9 +137,9 @@ def kernel_rows(lengths: list[int], heads: int = 32, kv_heads: int = 8, head_dim
 def _decode_kernel_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, copy_rate: float) -> list[dict]:
     """One generated token's attention against ``key.shape[2]`` cached tokens: in a cache that holds exactly
     them (PyTorch's fused kernel, no mask), and in a static cache of twice as many slots, half unwritten, as
-    a compiled decode step sees it (with a mask: cuDNN's kernel through ``reference.attend``, which reads every slot, and
-    FlexAttention's decoding kernel, which visits only the blocks its block mask lists). Each compiled, as in
-    the decode step. The floor reads the written keys and values once."""
+    a compiled decode step sees it (with a mask: cuDNN's kernel through ``reference.attend``, which reads every
+    slot, and FlexAttention's decoding kernel, which visits only the blocks its block mask lists). Each
+    compiled, as in the decode step. The floor reads the written keys and values once."""
     length = key.shape[2]
     scaling = query.shape[-1] ** -0.5
     fa_decode = LayerRule(WINDOW, SINK, True)

@@ -40,12 +40,17 @@ def error(output, expected):
     return ((output - expected).norm() / expected.norm()).item()
 
 
-def check(attend, case, dtype, seed=0):
+def check(attend, case, dtype, seed=0, baseline=None):
+    """``attend``'s output against float64, within twice the error of plain attention at ``dtype``: the
+    reference backend's, or ``baseline(query, key, value, mask, scaling)``'s."""
     query, key, value, plan, expected_mask = make_inputs(case, device="cuda", dtype=dtype, seed=seed)
     scaling = case.head_dim**-0.5
     expected = reference_output(query.double(), key.double(), value.double(), expected_mask, scaling)
     output, _ = attend(query, key, value, rule=case.rule, plan=plan, scaling=scaling)
-    plain, _ = reference.attend(query, key, value, rule=case.rule, plan=plan, scaling=scaling)
+    if baseline is None:
+        plain, _ = reference.attend(query, key, value, rule=case.rule, plan=plan, scaling=scaling)
+    else:
+        plain = baseline(query, key, value, expected_mask.to(query.device), scaling)
     assert not output.isnan().any()
     assert error(output, expected) <= 2 * error(plain, expected) + 1e-3, (error(output, expected), error(plain, expected))
 
@@ -121,23 +126,13 @@ def dense_attention(query, key, value, mask, scaling):
     return (weights @ value).transpose(1, 2)
 
 
-def check_decode_over_a_mask(case, dtype, device="cuda"):
-    query, key, value, plan, expected_mask = make_inputs(case, device=device, dtype=dtype)
-    scaling = case.head_dim**-0.5
-    expected = reference_output(query.double(), key.double(), value.double(), expected_mask, scaling)
-    output, _ = reference.attend(query, key, value, rule=case.rule, plan=plan, scaling=scaling)
-    dense = dense_attention(query, key, value, expected_mask.to(device), scaling)
-    assert not output.isnan().any()
-    assert error(output, expected) <= 2 * error(dense, expected) + 1e-3, (error(output, expected), error(dense, expected))
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", [c for c in GPU_CASES if c.q_len == 1], ids=str)
 def test_a_decode_step_over_a_mask_is_as_exact_as_dense_attention(case, dtype):
     """A decode step whose token needs a mask runs ``reference.attend`` (PyTorch's fused attention over the
     plan's mask: cuDNN on Hopper), a runtime path on the GPU, so its baseline here is plain dense attention at
     the same precision, not itself."""
-    check_decode_over_a_mask(case, dtype)
+    check(reference.attend, case, dtype, baseline=dense_attention)
 
 
 def long_case(length, rule, batch_lengths=None, q_len=None, prompt_end=None):
