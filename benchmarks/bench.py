@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--e2e-paths", nargs="+", default=None, metavar="TEXT",
                         help="end-to-end paths whose name contains one of these (default: all)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens timed per decode measurement")
+    parser.add_argument("--decode-compile-options", type=json.loads, default=None, metavar="JSON",
+                        help="inductor options for the compiled decode step of every static path, unpatched and"
+                        " swaa alike (CUDA graphs kept), e.g. '{\"coordinate_descent_tuning\": true}', which makes"
+                        " batch-1 matrix products bandwidth-tuned Triton reductions (default: transformers'"
+                        " compile_config, mode reduce-overhead)")
     parser.add_argument("--e2e", type=int, nargs=2, default=None, metavar=("PROMPT", "NEW"),
                         help="total generate time for a PROMPT-token prompt and NEW new tokens (e.g. 131072 512)")
     parser.add_argument("--profile", metavar="FILE",
@@ -59,6 +64,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from transformers.generation.configuration_utils import CompileConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import swaa  # noqa: E402
@@ -240,11 +246,14 @@ def swaa_configs(smoke: bool) -> dict[str, dict]:
     return {name: fields for name, fields in SWAA_CONFIGS.items() if not (smoke and fields.get("compile_prefill"))}
 
 
-def decode_paths(smoke: bool = False) -> dict[str, dict]:
+def decode_paths(smoke: bool = False, compile_options: dict | None = None) -> dict[str, dict]:
     """Every way to decode: unpatched eager and static + compiled, transformers' native sliding window
     (every layer, static + compiled: the anchor for swaa's bounded layers), each SWAA config both ways (a
-    compiled prefill only with the compiled decode step)."""
+    compiled prefill only with the compiled decode step). ``compile_options``: inductor options every
+    compiled decode step gets, so that each ratio compares like with like."""
     static = dict(cache_implementation="static")
+    if compile_options:  # reduce-overhead is these CUDA graphs; torch.compile takes a mode or options, not both
+        static["compile_config"] = CompileConfig(mode=None, options={"triton.cudagraphs": True, **compile_options})
     paths = {"unpatched, eager": dict(fields=None, generate={}),
              "unpatched, static + compiled": dict(fields=None, generate=static),
              f"native sliding window {WINDOW}, static + compiled": dict(fields=None, generate=static, native=True)}
@@ -545,14 +554,15 @@ def main(argv: list[str] | None = None) -> dict:
         date=datetime.date.today().isoformat(),
         gpu=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         torch=torch.__version__, transformers=transformers.__version__, window=WINDOW, sink=SINK,
+        decode_compile_options=args.decode_compile_options,
         kernels=kernel_rows(lengths) if cuda and not args.skip_kernels else [],
     )
     if args.profile:
         open(args.profile, "w").close()
     result["model"] = [] if args.skip_model else model_rows(model, lengths, configs, args.profile)
     result["speedups"] = speedups(result["model"])
-    paths = _select(decode_paths(args.smoke), args.paths) if decode_lengths else {}
-    e2e_paths = _select(decode_paths(args.smoke), args.e2e_paths) if args.e2e else {}
+    paths = _select(decode_paths(args.smoke, args.decode_compile_options), args.paths) if decode_lengths else {}
+    e2e_paths = _select(decode_paths(args.smoke, args.decode_compile_options), args.e2e_paths) if args.e2e else {}
     models = {"base": model}
     if any(path.get("native") for path in [*paths.values(), *e2e_paths.values()]):
         models["native"] = _native_sliding_window_model(model, WINDOW)
@@ -569,7 +579,8 @@ def main(argv: list[str] | None = None) -> dict:
              f"{result['gpu']}, {'tiny' if args.smoke else 'Qwen3-4B'}-shaped model ({shape['num_hidden_layers']} layers,"
              f" hidden {shape['hidden_size']}, {shape['num_attention_heads']}/{shape['num_key_value_heads']} heads),"
              f" {str(dtype).removeprefix('torch.')}, window {WINDOW}, sink {SINK}")
-    print(f"\n{result['gpu']}, torch {result['torch']}, transformers {result['transformers']}, {result['date']}")
+    print(f"\n{result['gpu']}, torch {result['torch']}, transformers {result['transformers']}, {result['date']}"
+          + (f"; every compiled decode step with {args.decode_compile_options}" if args.decode_compile_options else ""))
     if result["kernels"]:
         print(markdown_table(["length", "kernel", "ms", "tflops"], [r for r in result["kernels"] if "tflops" in r]))
         print(markdown_table(["length", "kernel", "us", "read_floor_us"], [r for r in result["kernels"] if "us" in r]))

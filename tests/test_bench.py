@@ -130,3 +130,24 @@ def test_every_row_gets_a_static_cache_of_its_own_size(tmp_path, monkeypatch):
                 "unpatched, static", "interleave 2, static", "--e2e", "64", "4", "--e2e-paths", "interleave 2, static"])
     assert {size for size, _ in made} == {160 + 66, 64 + 66, 64 + 5}
     assert all(size == made_size for size, made_size in made), sorted(set(made))
+
+
+def test_decode_compile_options_reach_every_compiled_step_unpatched_and_patched_alike(tmp_path, monkeypatch):
+    """A setting a user can choose for the shared decode step is measured on both models, or its ratio is not
+    like with like: every static path's generate gets the same compile_config, eager paths none."""
+    seen = {}
+    real = bench._timed_generate
+
+    def timed(model, prompt, new_tokens, **kwargs):
+        config = kwargs.get("compile_config")
+        seen.setdefault((bench.swaa.is_patched(model), "cache_implementation" in kwargs),
+                        set()).add(None if config is None else (config.mode, tuple(sorted(config.options.items()))))
+        return real(model, prompt, new_tokens, **kwargs)
+
+    monkeypatch.setattr(bench, "_timed_generate", timed)
+    result = bench.main(["--smoke", "--skip-model", "--out", str(tmp_path / "b.json"), "--decode", "96", "--paths",
+                         "unpatched", "interleave 2", "--decode-compile-options", '{"coordinate_descent_tuning": true}'])
+    tuned = (None, (("coordinate_descent_tuning", True), ("triton.cudagraphs", True)))
+    assert seen == {(False, True): {tuned}, (True, True): {tuned}, (False, False): {None}, (True, False): {None}}
+    assert result["decode_compile_options"] == {"coordinate_descent_tuning": True}
+    assert all("error" not in row for row in result["decode"])
