@@ -29,6 +29,7 @@ training code and peft are imported after the arguments are read: ``--help`` ans
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -310,6 +311,11 @@ def main(argv: list[str] | None = None) -> None:
               f"    model = swaa.train.load_adapter(base, {output_dir!r})  # PeftModel, patched as trained\n"
               f"    merged = model.merge_and_unload()  # still patched; merged.save_pretrained(...) keeps config.swaa")
     if torch.distributed.is_initialized():  # every rank has finished; close the group before the interpreter exits
+        # the DDP wrapper goes first: its reducer holds the group, and a group freed there is destroyed with the
+        # GIL held while gloo's worker thread may still need the GIL to free a finished collective's tensors (a
+        # deadlock seen once in CI); freed by destroy_process_group, it is destroyed with the GIL released
+        del trainer
+        gc.collect()
         state.wait_for_everyone()
         torch.distributed.destroy_process_group()
 
