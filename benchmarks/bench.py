@@ -25,6 +25,18 @@ from pathlib import Path
 from typing import NamedTuple
 
 
+def _inductor_options(text: str) -> dict:
+    """``--decode-compile-options``: a JSON object of inductor options (torch.compile's ``options``)."""
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({error})") from None
+    if not isinstance(options, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object of inductor options, e.g."
+                                         ' \'{"coordinate_descent_tuning": true}\'')
+    return options
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
@@ -43,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--e2e-paths", nargs="+", default=None, metavar="TEXT",
                         help="end-to-end paths whose name contains one of these (default: all)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens timed per decode measurement")
-    parser.add_argument("--decode-compile-options", type=json.loads, default=None, metavar="JSON",
+    parser.add_argument("--decode-compile-options", type=_inductor_options, default=None, metavar="JSON",
                         help="inductor options for the compiled decode step of every static path, unpatched and"
                         " swaa alike (CUDA graphs kept), e.g. '{\"coordinate_descent_tuning\": true}', which makes"
                         " batch-1 matrix products bandwidth-tuned Triton reductions (default: transformers'"
@@ -561,8 +573,9 @@ def main(argv: list[str] | None = None) -> dict:
         open(args.profile, "w").close()
     result["model"] = [] if args.skip_model else model_rows(model, lengths, configs, args.profile)
     result["speedups"] = speedups(result["model"])
-    paths = _select(decode_paths(args.smoke, args.decode_compile_options), args.paths) if decode_lengths else {}
-    e2e_paths = _select(decode_paths(args.smoke, args.decode_compile_options), args.e2e_paths) if args.e2e else {}
+    every_path = decode_paths(args.smoke, args.decode_compile_options)
+    paths = _select(every_path, args.paths) if decode_lengths else {}
+    e2e_paths = _select(every_path, args.e2e_paths) if args.e2e else {}
     models = {"base": model}
     if any(path.get("native") for path in [*paths.values(), *e2e_paths.values()]):
         models["native"] = _native_sliding_window_model(model, WINDOW)

@@ -62,15 +62,16 @@ def layer_masks(attention_mask, generated, num_layers, fields, sequence_ids=None
     return masks
 
 
-def attention(query, key, value, mask, scaling):
-    """Plain softmax attention in float64 over an explicit mask; rows that see nothing give 0.
-    query: (batch, heads, q, d); key/value: (batch, kv_heads, k, d); mask: (batch, q, k) bool."""
+def attention(query, key, value, mask, scaling, dtype=torch.float64):
+    """Plain softmax attention over an explicit mask; rows that see nothing give 0. Products in ``dtype``
+    (float64: the reference; a kernel's low precision: the rounding plain attention has there), softmax in at
+    least float32. query: (batch, heads, q, d); key/value: (batch, kv_heads, k, d); mask: (batch, q, k) bool."""
     groups = query.shape[1] // key.shape[1]
-    key = key.double().repeat_interleave(groups, 1)
-    value = value.double().repeat_interleave(groups, 1)
-    scores = (query.double() @ key.transpose(-1, -2)) * scaling
+    key = key.to(dtype).repeat_interleave(groups, 1)
+    value = value.to(dtype).repeat_interleave(groups, 1)
+    scores = (query.to(dtype) @ key.transpose(-1, -2)) * scaling
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    weights = torch.nan_to_num(scores.softmax(-1), nan=0.0)
+    weights = torch.nan_to_num(scores.softmax(-1, dtype=torch.promote_types(dtype, torch.float32)), nan=0.0).to(dtype)
     return weights @ value, weights
 
 

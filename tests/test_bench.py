@@ -151,3 +151,11 @@ def test_decode_compile_options_reach_every_compiled_step_unpatched_and_patched_
     assert seen == {(False, True): {tuned}, (True, True): {tuned}, (False, False): {None}, (True, False): {None}}
     assert result["decode_compile_options"] == {"coordinate_descent_tuning": True}
     assert all("error" not in row for row in result["decode"])
+
+
+@pytest.mark.parametrize("text,says", [("[1]", "not a JSON object of inductor options"), ("{bad", "is not JSON")])
+def test_decode_compile_options_that_are_no_json_object_are_refused_by_name(capsys, text, says):
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["--smoke", "--decode-compile-options", text])
+    error = capsys.readouterr().err
+    assert exit.value.code == 2 and "--decode-compile-options" in error and repr(text) in error and says in error

@@ -37,8 +37,8 @@ def test_plan_mask_is_the_rule_and_nothing_else():
 @pytest.mark.parametrize("padded", [False, True], ids=["plain", "padded"])
 def test_flex_runs_several_queries_in_flexattention_and_a_decode_step_on_autos_path(monkeypatch, padded):
     """backend='flex': FlexAttention for a prompt; for one query per row the fused kernel over a plain cache,
-    the reference's masked fused call over a masked one (never FlexAttention's decoding kernel, slower and not compilable in
-    a decode step on torch 2.11). The device check is CUDA's; the choice is what is tested here."""
+    the reference's masked fused call over a masked one (never FlexAttention's decoding kernel, slower and not
+    compilable in a decode step on torch 2.11). The device check is CUDA's; the choice is what is tested here."""
     monkeypatch.setattr(backends, "check_available", lambda name, device: None)
     rule = LayerRule(3, 1, True)
     mask = torch.tensor([[0, 1, 1, 1, 1, 1]]) if padded else None

@@ -58,8 +58,8 @@ def select(name: str, query: torch.Tensor, value: torch.Tensor, rule: LayerRule,
     if name == "flex" and query.shape[2] > 1:
         return flex.attend
     # auto, and a decode step (one query per row) under flex: FlexAttention's decoding kernel read a half-written
-    # static cache of 128k slots in 525 us on an H200 (grouped matrix products took 350), and inductor (torch
-    # 2.11) failed to build it inside a compiled decode step
+    # static cache of 128k slots in 525 us on an H200 (the grouped matrix products swaa used then took 350), and
+    # inductor (torch 2.11) failed to build it inside a compiled decode step
     if sdpa.handles(query, rule, plan):
         _announce("sdpa", device, f"{name}: the query sees every key, no mask needed")
         return sdpa.attend

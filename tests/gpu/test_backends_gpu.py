@@ -12,6 +12,7 @@ import importlib.util
 import pytest
 import torch
 from kernel_cases import CASES, GRADIENT_CASES, Case, make_inputs, output_and_gradients, reference_output
+from reference import attention as plain_attention
 
 import swaa
 from swaa.backends import flash, flex, reference, sdpa
@@ -117,13 +118,9 @@ def test_sdpa_paths_equal_reference(case, dtype):
 
 
 def dense_attention(query, key, value, mask, scaling):
-    """Plain attention at the inputs' precision (products in it, softmax in float32) over ``mask`` (batch, q,
-    k): the baseline of a path that is itself plain PyTorch attention."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    scores = ((query @ key.transpose(-1, -2)) * scaling).masked_fill(~mask[:, None], float("-inf"))
-    weights = torch.nan_to_num(scores.float().softmax(-1)).to(value.dtype)
-    return (weights @ value).transpose(1, 2)
+    """The rules' plain attention at the inputs' precision over the expected ``mask`` (batch, q, k): the
+    baseline of a path that is itself plain PyTorch attention."""
+    return plain_attention(query, key, value, mask, scaling, dtype=query.dtype)[0].transpose(1, 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
