@@ -26,7 +26,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, Stati
 
 from .compat import CACHE_KWARG
 from .plan import Plan
-from .rules import LayerRule, forgets_old_keys, kept_keys, ring_slot, still_visible
+from .rules import LayerRule, describe_rules, forgets_old_keys, kept_keys, ring_slot, still_visible
 
 
 def new_cache(rules: tuple[LayerRule, ...], bounded: bool = True) -> DynamicCache:
@@ -37,10 +37,18 @@ def new_cache(rules: tuple[LayerRule, ...], bounded: bool = True) -> DynamicCach
     return DynamicCache()
 
 
-def check_cache(cache: object) -> None:
-    """Raise unless swaa can run exactly on ``cache``: its own caches, or a transformers ``DynamicCache`` /
+def check_cache(cache: object, rules: tuple[LayerRule, ...]) -> None:
+    """Raise unless swaa can run exactly on ``cache`` under ``rules``: its own caches (one that drops keys only
+    under the rules it was made for: another rule may need them), or a transformers ``DynamicCache`` /
     ``StaticCache`` whose layers keep every token (no sliding-window, offloaded or quantized layers)."""
     if isinstance(cache, (SWAACache, SWAAStaticCache)):
+        # compared as plain values: a compiled decode step traces this (dynamo cannot trace ``is`` on tuples)
+        if cache.ring is not None and [r.key() for r in cache.rules] != [r.key() for r in rules]:
+            raise ValueError(
+                f"{CACHE_KWARG}: this bounded swaa cache has dropped keys that the model's rules may need: it was"
+                f" made under\n{describe_rules(cache.rules)}\nand the model now runs\n{describe_rules(rules)}\nstart a"
+                " new cache, or patch with bounded_cache=False to keep every key across configs"
+            )
         return
     if not isinstance(cache, Cache):
         raise TypeError(f"{CACHE_KWARG} must be a transformers Cache, got {type(cache).__name__}")

@@ -70,6 +70,8 @@ GENERATION_METHODS = {
 }
 # Public entry points of transformers' continuous batching, which runs attention through its own paged cache.
 CONTINUOUS_BATCHING_METHODS = ("generate_batch", "init_continuous_batching", "continuous_batching_context_manager")
+# Where packed sequences start, as DataCollatorWithFlattening(return_flash_attn_kwargs=True) hands them to FA2.
+PACKED_LENGTHS_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k")
 
 
 def rolls_back(generation_config, generation_mode) -> bool:

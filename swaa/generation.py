@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from . import compat
 from .caches import SWAAStaticCache, check_cache, new_cache
-from .plan import GENERATE_KWARG, Prefill
+from .plan import GENERATE_ADVICE, GENERATE_KWARG, Prefill, check_one_sequence_per_row
 
 CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")  # what swaa's caches honour exactly
 
@@ -62,7 +62,7 @@ def prepare_cache_for_generation(model, state, generation_config, model_kwargs: 
         # allocated at its first forward (a chunked prefill may then compile once more)
         compat.set_cache_argument(model_kwargs, SWAAStaticCache(state.rules, cache.get_max_length(), False))
     elif cache is not None:
-        check_cache(cache)
+        check_cache(cache, state.rules)
 
 
 def get_candidate_generator(model, state, *args, **kwargs):
@@ -94,7 +94,13 @@ def prepare_static_cache(model, state, cache_implementation: str, batch_size: in
 
 
 def prefill(model, state, input_ids: torch.Tensor, generation_config, model_kwargs: dict, *args, **kwargs):
-    """generate reads its prompt: every token is prompt; afterwards generated tokens start where it ended."""
+    """generate reads its prompt: every token is prompt; afterwards generated tokens start where it ended.
+    Position ids passed to generate are checked here, once: its chunks may run compiled, without looking."""
+    position_ids = model_kwargs.get("position_ids")
+    if isinstance(position_ids, torch.Tensor):
+        mask = model_kwargs.get("attention_mask")  # None when every token is real
+        real = torch.ones_like(position_ids, dtype=torch.bool) if mask is None else mask.bool()
+        check_one_sequence_per_row(position_ids, real[:, -position_ids.shape[-1]:], GENERATE_ADVICE)
     reading = model_kwargs[GENERATE_KWARG] = Prefill()
     outputs = type(model)._prefill(model, input_ids, generation_config, model_kwargs, *args, **kwargs)
     cache = compat.cache_argument(model_kwargs)

@@ -270,9 +270,11 @@ def describe(model) -> str:
 
 
 def _pass_labels_down(model: torch.nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook on a language-model head: its token labels tell the decoder where answers start."""
-    if kwargs.get("labels") is not None:
-        kwargs[LABELS_KWARG] = kwargs["labels"]
+    """Forward pre-hook on a language-model head: its token labels (by name or by position) tell the decoder
+    where answers start."""
+    labels = _forward_kwargs(model, args, kwargs).get("labels")
+    if labels is not None:
+        kwargs[LABELS_KWARG] = labels
     return args, kwargs
 
 
@@ -317,7 +319,7 @@ def _before_forward(state: PatchState, decoder: torch.nn.Module, args: tuple, kw
     past = compat.cache_argument(kwargs)
     use_cache = kwargs.get("use_cache")
     if past is not None:
-        check_cache(past)
+        check_cache(past, state.rules)
     generate = kwargs.pop(GENERATE_KWARG, None)
     prompt_len, labels = kwargs.pop(PROMPT_LEN_KWARG, None), kwargs.pop(LABELS_KWARG, None)
     if generate is None and (past is not None or use_cache is False) and not torch.compiler.is_compiling() \
@@ -329,6 +331,12 @@ def _before_forward(state: PatchState, decoder: torch.nn.Module, args: tuple, kw
         )
     _check_training_boundary(state, decoder, generate, labels, prompt_len)
     attention_mask = _padding_mask(kwargs.get("attention_mask"))
+    if kwargs.get("position_ids") is None and any(kwargs.get(name) is not None for name in compat.PACKED_LENGTHS_KWARGS):
+        raise ValueError(
+            f"{'/'.join(compat.PACKED_LENGTHS_KWARGS)} without position_ids: swaa finds packed sequences from"
+            " position_ids that restart at each sequence; pass them too (DataCollatorWithFlattening's default"
+            " return_position_ids=True)"
+        )
     past_len = past.get_seq_length() if past is not None else 0
     slots = static_key_slots(past, past_len)
     if slots is None and attention_mask is not None and attention_mask.shape[1] > past_len + q_len:
@@ -347,6 +355,7 @@ def _before_forward(state: PatchState, decoder: torch.nn.Module, args: tuple, kw
             compat.set_cache_argument(kwargs, past, state.cache_kwarg)
     if isinstance(past, (SWAACache, SWAAStaticCache)):
         plan = past.begin_forward(plan)  # its ring layers keep what later queries can see, by position
+    _warn_if_labels_mark_no_prompt(state, decoder, generate, labels, prompt_len, plan)
     need_weights = bool(kwargs.get("output_attentions") or decoder.config.output_attentions)
     kwargs[CONTEXT_KWARG] = SWAAContext(state.rules, state.config.backend, plan, need_weights)
     return (), kwargs
@@ -357,18 +366,24 @@ def _check_training_boundary(state: PatchState, decoder, generate, labels, promp
     if not (decoder.training and state.generates and generate is None):
         return  # first: a compiled decode step then reads (and guards on) no rule
     decoding = [layer for layer, rule in enumerate(state.rules) if rule.fa_decode]
-    if not decoding:
-        return
-    if labels is not None and prompt_len is None and isinstance(labels, torch.Tensor) and bool((labels != -100).all()):
-        warnings.warn(
-            f"swaa: labels with no -100 mark every token as an answer, so the FA-decode layers {decoding} attend"
-            " to every earlier token everywhere (full attention); mask the prompt as -100 to train the SWAA"
-            " pattern", stacklevel=3,
-        )
-    if labels is None and prompt_len is None:
+    if decoding and labels is None and prompt_len is None:
         raise ValueError(
             f"training with fa_decode (layers {decoding}) needs to know where each answer starts: pass labels"
             " with the prompt masked as -100, or prompt_len=<real prompt tokens per row>"
+        )
+
+
+def _warn_if_labels_mark_no_prompt(state: PatchState, decoder, generate, labels, prompt_len, plan) -> None:
+    """Training on labels whose -100s mark no prompt (a plain language-model collator puts them on padding only,
+    or on each packed sequence's first token) trains full attention in the FA-decode layers: say so."""
+    if not (decoder.training and state.generates and generate is None and labels is not None and prompt_len is None):
+        return
+    decoding = [layer for layer, rule in enumerate(state.rules) if rule.fa_decode]
+    if decoding and not bool((~plan.query_generated & (plan.query_pos > 0)).any()):
+        warnings.warn(
+            f"swaa: the labels mask no prompt token (only padding or each sequence's first token is -100), so every"
+            f" token is an answer and the FA-decode layers {decoding} attend to every earlier token (full"
+            " attention); mask the prompt as -100 to train the SWAA pattern", stacklevel=3,
         )
 
 

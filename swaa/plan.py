@@ -193,13 +193,13 @@ def plan_forward(
     cache_index = torch.arange(q_len, device=device) + past_len  # (q_len,): cache slot of each query
     query_pos = keys.pos.index_select(1, cache_index)
     query_seq = None if keys.seq is None else keys.seq.index_select(1, cache_index)
-    if attention_mask is not None and position_ids is not None and q_len > 1 and not torch.compiler.is_compiling():
-        _check_one_sequence_per_row(position_ids, query_pos >= 0)
+    if attention_mask is not None and position_ids is not None and q_len > 1 and not isinstance(generate, Prefill):
+        check_one_sequence_per_row(position_ids, query_pos >= 0)  # generate's prompt: checked once, before it
 
     may_be_generated = None
     if isinstance(generate, Prefill):
-        if not torch.compiler.is_compiling():
-            generate.slots = int(past_len) + q_len
+        if isinstance(past_len, int):  # read only without a cache (a static cache's length is a tensor)
+            generate.slots = past_len + q_len
         generated, may_be_generated = torch.zeros_like(query_pos, dtype=torch.bool), False
     elif generate is not None:
         generated = cache_index >= torch.as_tensor(generate, device=device).reshape(-1, 1)
@@ -234,7 +234,7 @@ def _key_positions(batch_size, q_len, past_len, device, key_slots, attention_mas
         key_slots = past_len + q_len
     slot = torch.arange(key_slots, device=device)
     packed = (attention_mask is None and position_ids is not None and q_len > 1 and not static
-              and not torch.compiler.is_compiling() and _starts_sequences(position_ids))
+              and _starts_sequences(position_ids))
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or (
             attention_mask.shape[1] != key_slots if not static else attention_mask.shape[1] > key_slots
@@ -272,6 +272,10 @@ def _sequence_starts(position_ids: torch.Tensor) -> torch.Tensor:
     return step != 1
 
 
+# The two looks at position ids' values below run eagerly also in a compiled forward (a graph break there): an
+# answer assumed without looking would silently merge packed sequences. A compiled decode step (one query) never
+# gets here.
+@torch.compiler.disable
 def _starts_sequences(position_ids: torch.Tensor) -> bool:
     """True when ``position_ids`` (batch or 1, n) start a new sequence inside some row: packed rows."""
     if position_ids.dim() != 2:
@@ -282,8 +286,17 @@ def _starts_sequences(position_ids: torch.Tensor) -> bool:
     return bool(_sequence_starts(position_ids)[:, 1:].any())
 
 
-def _check_one_sequence_per_row(position_ids: torch.Tensor, real: torch.Tensor) -> None:
-    """With a padding mask each row is one sequence: its real tokens' position ids must count up by one."""
+PACKED_ROWS_ADVICE = ("while an attention_mask is given: swaa cannot tell packed sequences from one padded sequence;"
+                      " pass packed rows without attention_mask (as DataCollatorWithFlattening does) or one sequence"
+                      " per row with its padding mask")
+GENERATE_ADVICE = ("in generate, where each row is one sequence (a cache holds one per row): pass position ids that"
+                   " count up by one over each row's real tokens, or none")
+
+
+@torch.compiler.disable
+def check_one_sequence_per_row(position_ids: torch.Tensor, real: torch.Tensor, advice: str = PACKED_ROWS_ADVICE):
+    """Where each row is one sequence (a padding mask, generate), its real tokens' position ids must count up by
+    one; ``advice`` says what to pass instead."""
     if position_ids.dim() != 2 or position_ids.shape[-1] != real.shape[-1]:
         return  # not per-token positions of this forward (e.g. multimodal streams): the mask alone decides
     ids = position_ids.to(real.device).expand(real.shape[0], -1)
@@ -291,11 +304,7 @@ def _check_one_sequence_per_row(position_ids: torch.Tensor, real: torch.Tensor) 
     breaks = real[:, 1:] & (previous[:, :-1] != torch.iinfo(ids.dtype).min) & (ids[:, 1:] != previous[:, :-1] + 1)
     if bool(breaks.any()):
         row = int(breaks.any(-1).nonzero()[0])
-        raise ValueError(
-            f"position_ids restart inside row {row} while an attention_mask is given: swaa cannot tell packed"
-            " sequences from one padded sequence; pass packed rows without attention_mask (as"
-            " DataCollatorWithFlattening does) or one sequence per row with its padding mask"
-        )
+        raise ValueError(f"position_ids restart inside row {row} {advice}")
 
 
 def _checked_labels(labels, batch_size: int, q_len: int) -> torch.Tensor:
@@ -313,11 +322,13 @@ def _checked_labels(labels, batch_size: int, q_len: int) -> torch.Tensor:
 def _checked_prompt_len(prompt_len, batch_size: int, device: torch.device) -> torch.Tensor:
     """``prompt_len`` (real prompt tokens: one int, or one per row) as a (batch, 1) tensor, or a clear error."""
     values = torch.as_tensor(prompt_len)
+    if values.dim() == 2 and values.shape[1] == 1:  # one per row, as a column
+        values = values[:, 0]
     if values.dtype == torch.bool or values.is_floating_point() or values.is_complex() or values.dim() > 1 or (
             values.dim() == 1 and values.shape[0] != batch_size) or bool((values < 0).any()):
         raise ValueError(
             f"prompt_len={prompt_len!r}: must be an int >= 0 (real prompt tokens of every row) or {batch_size} such"
-            " ints, one per row"
+            " ints, one per row (a list, or a tensor of shape (batch,) or (batch, 1))"
         )
     return values.to(device).reshape(-1, 1)
 

@@ -144,6 +144,31 @@ def test_multi_turn_reuse_equals_unbounded():
     assert_same_generation(*results)
 
 
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_a_bounded_cache_reused_under_other_rules_is_refused(cache_implementation):
+    """A ring dropped what its rules let it drop; the next turn under another config (``swaa.patched`` per turn)
+    may need those keys: refused, by the forward and by generate. The same rules patched again, or a cache that
+    keeps every key, carry on."""
+    static = dict(cache_implementation=cache_implementation, max_cache_len=40) if cache_implementation else {}
+    ids, mask = left_padded([10, 6], total=10, seed=18)
+    turn2_mask = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], dim=1)
+    for bounded in (True, False):
+        model = tiny_model("qwen3")
+        first = generate(model, dict(window=2, sink=1, fa_decode=False), ids, mask, bounded, new=1, **static)
+        cache, turn2_ids = first.past_key_values, torch.cat([first.sequences, torch.randint(1, 50, (2, 3))], dim=1)
+        assert (getattr(cache, "ring", None) is not None) == bounded
+        swaa.patch_model(model, window=2, sink=1, fa_decode=False, bounded_cache=bounded)  # the same rules again
+        model(turn2_ids[:, 10:11], attention_mask=turn2_mask[:, :11], past_key_values=cache)
+        swaa.patch_model(model, window=4, sink=1, bounded_cache=bounded)
+        if not bounded:
+            model.generate(turn2_ids, attention_mask=turn2_mask, past_key_values=cache, max_new_tokens=1)
+            continue
+        with pytest.raises(ValueError, match="bounded swaa cache has dropped keys that the model's rules may need"):
+            model(turn2_ids[:, 11:], attention_mask=turn2_mask, past_key_values=cache)
+        with pytest.raises(ValueError, match="bounded swaa cache has dropped keys that the model's rules may need"):
+            model.generate(turn2_ids, attention_mask=turn2_mask, past_key_values=cache, max_new_tokens=1)
+
+
 def test_beam_search_equals_unbounded():
     fields = dict(window=3, sink=1, fa_decode=False)
     ids, mask = left_padded([11, 7], total=11, seed=17)

@@ -27,6 +27,13 @@ def test_each_wrapped_generation_method_exists_with_the_arguments_swaa_uses(name
     assert set(compat.GENERATION_METHODS[name]) <= set(parameters), (name, list(parameters))
 
 
+def test_flash_attention_packed_lengths_are_what_the_flattening_collator_returns():
+    from transformers import DataCollatorWithFlattening
+
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": [3, 4]}, {"input_ids": [5]}])
+    assert set(compat.PACKED_LENGTHS_KWARGS) <= set(batch)
+
+
 def test_continuous_batching_entry_points_exist():
     assert all(hasattr(GenerationMixin, name) for name in compat.CONTINUOUS_BATCHING_METHODS)
 

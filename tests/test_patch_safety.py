@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy
 import pytest
@@ -13,6 +14,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForC
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer
 
 import swaa
+import swaa.tiny
 from swaa import SWAAConfig
 
 
@@ -130,10 +132,25 @@ def test_bad_prompt_len_is_named(prompt_len):
 
 
 def test_labels_without_a_masked_prompt_warn_that_training_is_full_attention():
+    """A plain language-model collator masks padding (or each packed sequence's first token) and no prompt:
+    the FA-decode layers then train full attention, which is said; a masked prompt is not warned about."""
+    from transformers import DataCollatorForLanguageModeling, DataCollatorWithFlattening
+
     model = swaa.patch_model(tiny_model("qwen3"), window=2, sink=1).train()
-    ids = torch.randint(1, 50, (2, 8), generator=torch.Generator().manual_seed(43))
+    tokenizer = swaa.tiny.tiny_tokenizer()
+    tokenizer.pad_token_id = 0  # inside the tiny model's vocabulary
+    examples = [{"input_ids": list(range(5, 5 + n))} for n in (8, 5)]
+    for side in ("right", "left"):
+        tokenizer.padding_side = side
+        with pytest.warns(UserWarning, match="mask the prompt as -100"):
+            model(**DataCollatorForLanguageModeling(tokenizer, mlm=False)(examples))
+    flattened = DataCollatorWithFlattening()([{**e, "labels": e["input_ids"]} for e in examples], return_tensors="pt")
     with pytest.warns(UserWarning, match="mask the prompt as -100"):
-        model(ids, labels=ids)
+        model(**flattened)
+    ids = torch.randint(5, 50, (2, 8), generator=torch.Generator().manual_seed(43))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(ids, labels=ids.masked_fill(torch.arange(8) < 2, -100))
 
 
 def test_state_api_and_the_scoped_patch():

@@ -90,6 +90,24 @@ def test_packed_rows_with_a_padding_mask_or_onto_a_cache_are_refused():
         model(ids, position_ids=restarting, past_key_values=cache)
 
 
+def test_packed_lengths_for_flash_attention_count_only_beside_position_ids():
+    """DataCollatorWithFlattening may hand sequence boundaries as flash-attention lengths only: refused, since
+    swaa reads packed sequences from position ids; with position ids too, the result is theirs."""
+    from transformers import DataCollatorWithFlattening
+
+    model = swaa.patch_model(tiny_model("qwen3"), **FIELDS)
+    examples = [{"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n))} for n in (6, 4, 7)]
+    plain = DataCollatorWithFlattening()(examples, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**plain).logits
+        both = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(examples, return_tensors="pt")
+        torch.testing.assert_close(model(**both).logits, expected, rtol=0, atol=0)
+        lengths_only = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=False)(
+            examples, return_tensors="pt")
+        with pytest.raises(ValueError, match="cu_seq_lens_q/cu_seq_lens_k without position_ids"):
+            model(**lengths_only)
+
+
 def test_left_padded_rows_with_generates_position_ids_are_one_sequence_each():
     """generate's position ids (pads at 1, real tokens counting up) and a collator's (pads clamped at 0) agree
     with the mask: no false refusal."""
@@ -101,6 +119,75 @@ def test_left_padded_rows_with_generates_position_ids_are_one_sequence_each():
             # (RoPE at other absolute positions: equal to rounding)
             torch.testing.assert_close(model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits,
                                        plain, rtol=1e-7, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------ compiled forwards
+
+
+def _packed_batch():
+    """Three prompt + answer pairs packed in one row, as DataCollatorWithFlattening makes them."""
+    from transformers import DataCollatorWithFlattening
+
+    generator, examples = torch.Generator().manual_seed(60), []
+    for prompt, answer in ((7, 4), (5, 6), (8, 3)):
+        ids = torch.randint(3, 50, (prompt + answer,), generator=generator).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return DataCollatorWithFlattening()(examples, return_tensors="pt")
+
+
+def _padded_batch():
+    ids, mask = left_padded([9, 6], total=9, seed=61)
+    return dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                labels=ids.masked_fill(torch.arange(9) < 6, -100))
+
+
+FORWARDS = {  # name -> (inputs, training): every way a forward learns where sequences start and prompts end
+    "packed_rows_training": (_packed_batch, True),
+    "packed_rows_scoring": (_packed_batch, False),
+    "padded_rows_with_labels": (_padded_batch, False),
+    "padded_rows_with_prompt_len": (lambda: {**_padded_batch(), "labels": None, "prompt_len": [5, 3]}, False),
+}
+
+
+@pytest.mark.parametrize("name", FORWARDS)
+def test_a_compiled_forward_reads_its_inputs_as_the_eager_one_does(name):
+    """torch.compile(model) (Trainer(torch_compile=True), model.compile()): the hooks run inside the compiled
+    call, and what the plan reads off the inputs' values (packed rows, position ids, answers) is what the eager
+    forward reads, never an answer assumed without looking."""
+    inputs, training = FORWARDS[name]
+    model = swaa.patch_model(tiny_model("qwen3"), **FIELDS).train(training)
+    batch = inputs()
+    with torch.set_grad_enabled(training):
+        expected = model(**batch).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager")(**batch).logits
+    torch.testing.assert_close(compiled, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", [dict(use_cache=False), dict(), dict(cache_implementation="static")],
+                         ids=["no_cache", "dynamic", "static"])
+def test_a_compiled_model_generates_the_eager_tokens(kwargs):
+    """model.compile() then generate: without a cache every step reads prompt + answer again, and the prompt's
+    end must still be where generate's prompt ended."""
+    model = swaa.patch_model(tiny_model("qwen3"), **FIELDS)
+    ids, mask = left_padded([11, 6, 1], total=11, seed=62)
+    expected = generate(model, ids, mask, **kwargs)
+    torch._dynamo.reset()
+    model.compile(backend="eager")
+    assert_same_steps(generate(model, ids, mask, **kwargs), expected)
+
+
+def test_position_ids_that_restart_inside_a_row_are_refused_compiled_and_in_generate():
+    model = swaa.patch_model(tiny_model("qwen3"), **FIELDS)
+    ids, mask = left_padded([8, 8], total=8, seed=63)
+    restarting = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]] * 2)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="position_ids restart inside row 0 while an attention_mask is given"):
+        torch.compile(model, backend="eager")(ids, attention_mask=mask, position_ids=restarting)
+    for kwargs in (dict(), dict(cache_implementation="static", prefill_chunk_size=3)):
+        # (transformers drops an all-ones mask: the ids alone would say packed rows)
+        with pytest.raises(ValueError, match="position_ids restart inside row 0 in generate"):
+            generate(model, ids, mask, position_ids=restarting, **kwargs)
 
 
 # ---------------------------------------------------------------------- tokens the caller did not count
@@ -149,6 +236,26 @@ def test_peft_virtual_tokens_are_prompt_tokens(method, patch_first):
     generated, forced = _generate_and_force(model, ids, mask, labels=True)
     for step in consistent:
         assert_logits_equal(generated[step], forced[step])
+
+
+def test_labels_and_prompt_len_in_every_form_mark_the_same_answers():
+    """Labels by name or by position, prompt_len as an int list or a column: one plan (and not the bare
+    forward's, where every token is prompt)."""
+    import inspect
+
+    model = swaa.patch_model(tiny_model("qwen3"), **FIELDS)
+    ids, mask = left_padded([9, 7], total=9, seed=48)
+    labels = ids.masked_fill((mask.cumsum(-1) <= 4) | (mask == 0), -100)  # four real prompt tokens per row
+    names = list(inspect.signature(model.forward).parameters)
+    positional = [None] * names.index("labels") + [labels]
+    positional[names.index("input_ids")], positional[names.index("attention_mask")] = ids, mask
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, labels=labels).logits
+        bare = model(ids, attention_mask=mask).logits
+        assert not torch.allclose(bare, expected)
+        for actual in (model(*positional).logits, model(ids, attention_mask=mask, prompt_len=4).logits,
+                       model(ids, attention_mask=mask, prompt_len=torch.tensor([[4], [4]])).logits):
+            torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
 def test_prompt_len_with_embeddings_or_inside_generate_is_refused():
