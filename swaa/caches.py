@@ -24,6 +24,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer
 
+from . import compat
 from .compat import CACHE_KWARG
 from .plan import Plan
 from .rules import LayerRule, describe_rules, forgets_old_keys, kept_keys, ring_slot, still_visible
@@ -31,10 +32,11 @@ from .rules import LayerRule, describe_rules, forgets_old_keys, kept_keys, ring_
 
 def new_cache(rules: tuple[LayerRule, ...], bounded: bool = True) -> DynamicCache:
     """An empty dynamic cache for a model patched with ``rules``: a ``SWAACache`` when ``bounded`` and some
-    layer may forget old keys, else a plain ``DynamicCache`` that keeps every token."""
+    layer may forget old keys, else a plain ``DynamicCache`` that keeps every token, with its layers made up front
+    as transformers makes them from a config (Dory's recurrent loops read one layer per decoder layer)."""
     if bounded and any(forgets_old_keys(rule) for rule in rules):
         return SWAACache(rules)
-    return DynamicCache()
+    return DynamicCache(ddp_cache_data=[(None, None)] * len(rules))  # one empty full layer per decoder layer
 
 
 def check_cache(cache: object, rules: tuple[LayerRule, ...]) -> None:
@@ -53,7 +55,7 @@ def check_cache(cache: object, rules: tuple[LayerRule, ...]) -> None:
     if not isinstance(cache, Cache):
         raise TypeError(f"{CACHE_KWARG} must be a transformers Cache, got {type(cache).__name__}")
     kinds = {type(layer) for layer in cache.layers}
-    if type(cache) in (DynamicCache, StaticCache) and kinds <= {DynamicLayer, StaticLayer} and not cache.offloading:
+    if type(cache) in (DynamicCache, StaticCache) and all(map(_keeps_every_token, cache.layers)) and not cache.offloading:
         return
     names = sorted({kind.__name__ for kind in kinds})
     raise ValueError(
@@ -61,6 +63,14 @@ def check_cache(cache: object, rules: tuple[LayerRule, ...]) -> None:
         f" DynamicCache / StaticCache whose layers keep every token; drop {CACHE_KWARG} (generate then makes"
         " swaa's cache) or pass cache_implementation='static'"
     )
+
+
+def _keeps_every_token(layer) -> bool:
+    """transformers' full cache layers, and layers that store nothing of their own (``compat.stores_nothing``)
+    over such a layer or none."""
+    if compat.stores_nothing(layer):
+        return (inner := compat.layer_read(layer)) is None or _keeps_every_token(inner)
+    return type(layer) in (DynamicLayer, StaticLayer)
 
 
 def static_key_slots(cache: Cache | None, past_len) -> int | None:

@@ -20,7 +20,7 @@ import re
 import sys
 from collections.abc import Mapping
 
-from transformers import GenerationMixin
+from transformers import GenerationMixin, cache_utils
 from transformers.generation import utils as generation_utils
 from transformers.generation.configuration_utils import GenerationMode
 
@@ -49,6 +49,18 @@ def set_cache_argument(kwargs: dict, cache, name: str = CACHE_KWARG) -> None:
     for other in CACHE_NAMES:
         kwargs.pop(other, None)
     kwargs[name] = cache
+
+
+def stores_nothing(layer) -> bool:
+    """A cache layer with no keys of its own (transformers 5.2x's ``DummyLayer``: a layer without attention, a
+    consumer of another layer's shared keys, Dory's read-only view of another layer)."""
+    dummy = getattr(cache_utils, "DummyLayer", None)
+    return dummy is not None and isinstance(layer, dummy)
+
+
+def layer_read(layer):
+    """The cache layer a layer that stores nothing reads its keys from (Dory's ``DoryPastReader.layer``), or None."""
+    return getattr(layer, "layer", None)
 
 
 def is_user_cache(cache) -> bool:
@@ -147,6 +159,13 @@ def supports_attention_interface(model) -> bool:
 
 def supports_default_dynamic_cache(model) -> bool:
     return getattr(type(model), "_supports_default_dynamic_cache", lambda: True)()
+
+
+def drops_queries_before_shared_layers(model) -> bool:
+    """Whether the model's decoder runs its KV-shared layers on the last tokens' queries only (Gemma 4 from
+    transformers 5.2x, ``_maybe_slice_kv_shared_inputs``), slicing the masks it was handed as 4D masks."""
+    return getattr(model.config.get_text_config(), "num_kv_shared_layers", 0) > 0 and any(
+        hasattr(module, "_maybe_slice_kv_shared_inputs") for module in model.modules())
 
 
 @functools.cache

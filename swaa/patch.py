@@ -113,6 +113,12 @@ def _check_supported(model: PreTrainedModel) -> int:
             f"{name} has layers of type {other_layers}, which swaa's rules do not cover: linear attention and"
             " convolutions keep a state swaa's caches do not hold, sparse-attention indexers choose keys themselves"
         )
+    if compat.drops_queries_before_shared_layers(model):
+        raise ValueError(
+            f"{name} runs its KV-shared layers (num_kv_shared_layers={config.num_kv_shared_layers}) on the last"
+            " tokens' queries only, slicing its masks by query, which swaa's per-forward plan and 2D masks do not"
+            " follow; swaa cannot patch it with this transformers version"
+        )
     if not compat.supports_default_dynamic_cache(model):
         raise ValueError(f"{name} keeps a cache of its own, which swaa's caches cannot stand in for")
     if getattr(config, "attn_logit_softcapping", None) is not None:
