@@ -72,6 +72,12 @@ def _check_supported(model: PreTrainedModel) -> int:
         raise ValueError(f"{name} is an encoder-decoder model; swaa patches decoder-only language models")
     if config.get_text_config() is not config:
         raise ValueError(f"{name} is a multimodal model; swaa patches text decoder models only")
+    other_layers = sorted(set(getattr(config, "layer_types", None) or []) - ATTENTION_LAYER_TYPES)
+    if other_layers:  # first: a hybrid's reason, before transformers' flag that it has no AttentionInterface
+        raise ValueError(
+            f"{name} has layers of type {other_layers}, which swaa's rules do not cover: linear attention and"
+            " convolutions keep a state swaa's caches do not hold, sparse-attention indexers choose keys themselves"
+        )
     if not compat.supports_attention_interface(model):
         raise ValueError(
             f"{name} ({config.model_type}) does not compute attention through transformers' AttentionInterface,"
@@ -107,12 +113,6 @@ def _check_supported(model: PreTrainedModel) -> int:
     bidirectional = [type(m).__name__ for m in model.modules() if getattr(m, "is_causal", True) is False]
     if bidirectional:
         raise ValueError(f"{name} has bidirectional attention ({bidirectional[0]}); swaa patches causal decoders")
-    other_layers = sorted(set(getattr(config, "layer_types", None) or []) - ATTENTION_LAYER_TYPES)
-    if other_layers:
-        raise ValueError(
-            f"{name} has layers of type {other_layers}, which swaa's rules do not cover: linear attention and"
-            " convolutions keep a state swaa's caches do not hold, sparse-attention indexers choose keys themselves"
-        )
     if compat.drops_queries_before_shared_layers(model):
         raise ValueError(
             f"{name} runs its KV-shared layers (num_kv_shared_layers={config.num_kv_shared_layers}) on the last"
