@@ -44,8 +44,7 @@ def check_cache(cache: object, rules: tuple[LayerRule, ...]) -> None:
     under the rules it was made for: another rule may need them), or a transformers ``DynamicCache`` /
     ``StaticCache`` whose layers keep every token (no sliding-window, offloaded or quantized layers)."""
     if isinstance(cache, (SWAACache, SWAAStaticCache)):
-        # compared as plain values: a compiled decode step traces this (dynamo cannot trace ``is`` on tuples)
-        if cache.ring is not None and [r.key() for r in cache.rules] != [r.key() for r in rules]:
+        if cache.ring is not None and cache.rules != rules:
             raise ValueError(
                 f"{CACHE_KWARG}: this bounded swaa cache has dropped keys that the model's rules may need: it was"
                 f" made under\n{describe_rules(cache.rules)}\nand the model now runs\n{describe_rules(rules)}\nstart a"
@@ -54,10 +53,9 @@ def check_cache(cache: object, rules: tuple[LayerRule, ...]) -> None:
         return
     if not isinstance(cache, Cache):
         raise TypeError(f"{CACHE_KWARG} must be a transformers Cache, got {type(cache).__name__}")
-    kinds = {type(layer) for layer in cache.layers}
     if type(cache) in (DynamicCache, StaticCache) and all(map(_keeps_every_token, cache.layers)) and not cache.offloading:
         return
-    names = sorted({kind.__name__ for kind in kinds})
+    names = sorted({type(layer).__name__ for layer in cache.layers})
     raise ValueError(
         f"{CACHE_KWARG}={type(cache).__name__} with layers {names}: swaa runs on its own caches or on a"
         f" DynamicCache / StaticCache whose layers keep every token; drop {CACHE_KWARG} (generate then makes"

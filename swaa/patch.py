@@ -335,7 +335,6 @@ def _before_forward(state: PatchState, decoder: torch.nn.Module, args: tuple, kw
             " generate of a model around the patched one), so swaa cannot tell where the prompt ends: patch the"
             " model whose generate you call"
         )
-    _check_training_boundary(state, decoder, generate, labels, prompt_len)
     attention_mask = _padding_mask(kwargs.get("attention_mask"))
     if kwargs.get("position_ids") is None and any(kwargs.get(name) is not None for name in compat.PACKED_LENGTHS_KWARGS):
         raise ValueError(
@@ -361,31 +360,28 @@ def _before_forward(state: PatchState, decoder: torch.nn.Module, args: tuple, kw
             compat.set_cache_argument(kwargs, past, state.cache_kwarg)
     if isinstance(past, (SWAACache, SWAAStaticCache)):
         plan = past.begin_forward(plan)  # its ring layers keep what later queries can see, by position
-    _warn_if_labels_mark_no_prompt(state, decoder, generate, labels, prompt_len, plan)
+    _check_training_answers(state, decoder, generate, labels, prompt_len, plan)
     need_weights = bool(kwargs.get("output_attentions") or decoder.config.output_attentions)
     kwargs[CONTEXT_KWARG] = SWAAContext(state.rules, state.config.backend, plan, need_weights)
     return (), kwargs
 
 
-def _check_training_boundary(state: PatchState, decoder, generate, labels, prompt_len) -> None:
-    """Training a language model with FA decode needs each answer's start: labels or prompt_len, never a guess."""
+def _check_training_answers(state: PatchState, decoder, generate, labels, prompt_len, plan) -> None:
+    """Training a language model with FA decode needs each answer's start, never a guess: labels or prompt_len
+    (else an error); labels whose -100s mark no prompt (a plain language-model collator puts them on padding only,
+    or on each packed sequence's first token) make every token an answer, full attention in the FA-decode layers:
+    said in a warning."""
     if not (decoder.training and state.generates and generate is None):
         return  # first: a compiled decode step then reads (and guards on) no rule
     decoding = [layer for layer, rule in enumerate(state.rules) if rule.fa_decode]
-    if decoding and labels is None and prompt_len is None:
+    if not decoding or prompt_len is not None:
+        return
+    if labels is None:
         raise ValueError(
             f"training with fa_decode (layers {decoding}) needs to know where each answer starts: pass labels"
             " with the prompt masked as -100, or prompt_len=<real prompt tokens per row>"
         )
-
-
-def _warn_if_labels_mark_no_prompt(state: PatchState, decoder, generate, labels, prompt_len, plan) -> None:
-    """Training on labels whose -100s mark no prompt (a plain language-model collator puts them on padding only,
-    or on each packed sequence's first token) trains full attention in the FA-decode layers: say so."""
-    if not (decoder.training and state.generates and generate is None and labels is not None and prompt_len is None):
-        return
-    decoding = [layer for layer, rule in enumerate(state.rules) if rule.fa_decode]
-    if decoding and not bool((~plan.query_generated & (plan.query_pos > 0)).any()):
+    if not bool((~plan.query_generated & (plan.query_pos > 0)).any()):
         warnings.warn(
             f"swaa: the labels mask no prompt token (only padding or each sequence's first token is -100), so every"
             f" token is an answer and the FA-decode layers {decoding} attend to every earlier token (full"
