@@ -52,6 +52,7 @@ class PatchState:
     own_configs: list = dataclasses.field(default_factory=list)  # (module, its config before the patch)
     methods: list = dataclasses.field(default_factory=list)  # (module, name) of each installed method
     cache_kwarg: str = compat.CACHE_KWARG  # the name under which the decoder's forward takes its cache
+    decoder_parameters: tuple[str, ...] = ()  # the decoder's forward parameters that can come by position
 
 
 def _transformers_model(model) -> PreTrainedModel:
@@ -188,12 +189,14 @@ def patch_model(model, config: SWAAConfig | dict | None = None, **fields):
         unpatch_model(target)
 
     state = PatchState(config=config, rules=rules, generates=target.can_generate(), own_configs=_own_configs(target),
-                       cache_kwarg=compat.cache_kwarg(decoder.forward))
+                       cache_kwarg=compat.cache_kwarg(decoder.forward),
+                       decoder_parameters=_positional_parameters(decoder))
     models = [m for m in target.modules() if isinstance(m, PreTrainedModel)]
     for model_config in {id(m.config): m.config for m in models}.values():
         compat.set_attention_implementation(model_config, ATTENTION_NAME)
     if decoder is not target and state.generates:
-        state.hooks.append(target.register_forward_pre_hook(_pass_labels_down, with_kwargs=True))
+        state.hooks.append(target.register_forward_pre_hook(
+            functools.partial(_pass_labels_down, _positional_parameters(target)), with_kwargs=True))
     state.hooks.append(
         decoder.register_forward_pre_hook(functools.partial(_before_forward, state), with_kwargs=True)
     )
@@ -275,21 +278,25 @@ def describe(model) -> str:
     return describe_rules(state.rules)
 
 
-def _pass_labels_down(model: torch.nn.Module, args: tuple, kwargs: dict):
+def _pass_labels_down(parameters: tuple[str, ...], model: torch.nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook on a language-model head: its token labels (by name or by position) tell the decoder
     where answers start."""
-    labels = _forward_kwargs(model, args, kwargs).get("labels")
+    labels = _forward_kwargs(parameters, args, kwargs).get("labels")
     if labels is not None:
         kwargs[LABELS_KWARG] = labels
     return args, kwargs
 
 
-def _forward_kwargs(decoder: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
-    """The decoder's forward arguments, all by name."""
-    if not args:
-        return kwargs
-    bound = inspect.signature(type(decoder).forward.__get__(decoder)).bind_partial(*args, **kwargs).arguments
-    return {**{k: v for k, v in bound.items() if k != "kwargs"}, **bound.get("kwargs", {})}
+def _positional_parameters(module: torch.nn.Module) -> tuple[str, ...]:
+    """The names of the parameters ``module``'s forward takes by position, in order; read at patch time, since
+    torch.compile cannot trace ``inspect`` in every torch version (a graph break in each compiled step)."""
+    parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]  # after self
+    return tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def _forward_kwargs(parameters: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
+    """A forward's arguments, all by name (``parameters``: from ``_positional_parameters``)."""
+    return {**dict(zip(parameters, args)), **kwargs}
 
 
 def _padding_mask(attention_mask):
@@ -316,7 +323,7 @@ def _check_still_swaa(decoder: torch.nn.Module) -> None:
 
 def _before_forward(state: PatchState, decoder: torch.nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook on the decoder: build this call's plan and hand it to every layer."""
-    kwargs = _forward_kwargs(decoder, args, kwargs)
+    kwargs = _forward_kwargs(state.decoder_parameters, args, kwargs)
     _check_still_swaa(decoder)
     tokens = kwargs.get("input_ids")
     if tokens is None:

@@ -5,7 +5,9 @@ graph with no host syncs and no recompilation, and per-call state never lives on
 from __future__ import annotations
 
 import copy
+import inspect
 import threading
+from unittest import mock
 
 import pytest
 import torch
@@ -235,6 +237,19 @@ def test_a_compiled_decode_step_is_one_graph_exact_and_never_recompiles(config):
         fresh, token, full_mask, position = decode_step_inputs(model, CONFIGS[config], batch=(7, 3))
         full_mask[:, 7] = 1
         compiled(model, fresh, token, full_mask, position, torch.full((2, 1), 7))
+
+
+def test_a_forward_reads_its_positional_arguments_without_inspect():
+    """torch 2.11's dynamo cannot trace ``inspect.signature`` (a graph break at the top of every compiled step
+    called with the tokens by position, seen on an H200): the hooks name positional arguments from names read at
+    patch time. Labels by position still reach the plan (``test_plan``)."""
+    model = tiny_model("qwen3")
+    swaa.patch_model(model, window=4, sink=1)
+    ids = torch.randint(0, TINY_CONFIG["vocab_size"], (1, 12))
+    with mock.patch.object(inspect, "signature", side_effect=AssertionError("inspect inside a forward")), \
+            torch.no_grad():
+        model(ids)
+        model(ids, None, None, None, None, ids)  # labels by position
 
 
 class CountHostSyncs(TorchFunctionMode):
