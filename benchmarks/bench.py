@@ -332,7 +332,10 @@ SKIPPED_STEPS = 2  # a profiled generate's first decode steps (the first capture
 def kernel_kind(name: str) -> str:
     name = name.lower()
     if name.startswith("triton_") and not name.startswith("triton_tem"):
-        return "fused elementwise"
+        # coordinate_descent_tuning makes a one-row product a reduction named after it: triton_red_fused_mm_...
+        # (a "bmm" in a fused name is rotary's tiny product)
+        reduction = name.startswith(("triton_red_", "triton_per_"))
+        return "matrix products" if reduction and "mm" in name.split("_") else "fused elementwise"
     return next((kind for kind, parts in KERNEL_KINDS.items() if any(part in name for part in parts)), "other")
 
 

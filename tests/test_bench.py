@@ -105,8 +105,10 @@ def test_kernels_are_sorted_into_kinds_and_busy_time_counts_overlaps_once():
         "nvjet_tst_64x8_64x16_4x1_v_bz_TNT", "triton_poi_fused_add_mul_0", "triton_tem_fused_flex_attention_0",
         "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "Memcpy DtoD (Device -> Device)",
         "triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_add_bmm_cat_0",
+        "triton_red_fused_mm_t_view_9", "triton_red_fused__to_copy_add_mean_mm_mul_pow_rsqrt_t_view_16",
+        "triton_per_fused__to_copy__unsafe_view_add_arange_bmm_cat_cos_index_copy_mean_mul_neg_3",
     )] == ["matrix products", "matrix products", "fused elementwise", "attention", "attention", "other",
-           "fused elementwise"]
+           "fused elementwise", "matrix products", "matrix products", "fused elementwise"]
     assert bench._busy_ns([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
 
 
