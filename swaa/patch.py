@@ -397,8 +397,11 @@ def _check_training_answers(state: PatchState, decoder, generate, labels, prompt
 
 
 def _after_forward(state: PatchState, decoder: torch.nn.Module, args: tuple, kwargs: dict, output):
-    """Forward hook: every layer must have gone through swaa's attention, or the pattern was not applied."""
-    missing = set(range(len(state.rules))) - kwargs[CONTEXT_KWARG].layers_called
+    """Forward hook: every layer the decoder ran must have gone through swaa's attention, or the pattern was not
+    applied. It runs the first ``config.num_hidden_layers`` (early exit, ``generate(assistant_early_exit=n)``,
+    drafts with fewer layers by lowering that count)."""
+    ran = min(len(state.rules), getattr(decoder.config, "num_hidden_layers", len(state.rules)))
+    missing = set(range(ran)) - kwargs[CONTEXT_KWARG].layers_called
     if missing:
         raise RuntimeError(
             f"layers {sorted(missing)} of {type(decoder).__name__} did not call swaa's attention: this model"

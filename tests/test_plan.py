@@ -393,6 +393,17 @@ def test_assisted_decoding_on_bounded_layers_keeps_every_key_and_equals_greedy(c
         assert_same_steps(generate(model, ids, mask, cache_implementation=cache_implementation, **assisted), expected)
 
 
+@pytest.mark.parametrize("fields", [dict(window=3, sink=1, interleave=2), dict(window=3, sink=1, fa_decode=False)],
+                         ids=["fa_decode", "bounded"])
+def test_early_exit_drafts_with_the_first_layers_and_equals_greedy(fields):
+    """``assistant_early_exit`` (LayerSkip) drafts with the model's first layers by lowering its layer count;
+    the layers it skips are not a model computing attention outside swaa's."""
+    model = tiny_model("qwen3")
+    swaa.patch_model(model, **fields)
+    ids, mask = left_padded([9], total=9, seed=53)
+    assert_same_steps(generate(model, ids, mask, assistant_early_exit=2), generate(model, ids, mask))
+
+
 def test_a_patched_model_assists_an_unpatched_one_and_the_reverse():
     fields = dict(window=3, sink=1, interleave=2)
     main, assistant = tiny_model("qwen3"), tiny_model("qwen3", seed=5)
