@@ -399,6 +399,10 @@ def test_early_exit_drafts_with_the_first_layers_and_equals_greedy(fields):
     """``assistant_early_exit`` (LayerSkip) drafts with the model's first layers by lowering its layer count;
     the layers it skips are not a model computing attention outside swaa's."""
     model = tiny_model("qwen3")
+    try:  # a prompt whose draft is rejected, unpatched
+        generate(model, *left_padded([9], total=9, seed=0), assistant_early_exit=2)
+    except TypeError as error:  # transformers 5.17 crops the layers the draft never wrote (None)
+        pytest.skip(f"transformers' own early exit fails on a rejected draft: {error}")
     swaa.patch_model(model, **fields)
     ids, mask = left_padded([9], total=9, seed=53)
     assert_same_steps(generate(model, ids, mask, assistant_early_exit=2), generate(model, ids, mask))
