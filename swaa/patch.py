@@ -52,7 +52,6 @@ class PatchState:
     own_configs: list = dataclasses.field(default_factory=list)  # (module, its config before the patch)
     methods: list = dataclasses.field(default_factory=list)  # (module, name) of each installed method
     cache_kwarg: str = compat.CACHE_KWARG  # the name under which the decoder's forward takes its cache
-    decoder_parameters: tuple[str, ...] = ()  # the decoder's forward parameters that can come by position
 
 
 def _transformers_model(model) -> PreTrainedModel:
@@ -189,8 +188,7 @@ def patch_model(model, config: SWAAConfig | dict | None = None, **fields):
         unpatch_model(target)
 
     state = PatchState(config=config, rules=rules, generates=target.can_generate(), own_configs=_own_configs(target),
-                       cache_kwarg=compat.cache_kwarg(decoder.forward),
-                       decoder_parameters=_positional_parameters(decoder))
+                       cache_kwarg=compat.cache_kwarg(decoder.forward))
     models = [m for m in target.modules() if isinstance(m, PreTrainedModel)]
     for model_config in {id(m.config): m.config for m in models}.values():
         compat.set_attention_implementation(model_config, ATTENTION_NAME)
@@ -198,7 +196,8 @@ def patch_model(model, config: SWAAConfig | dict | None = None, **fields):
         state.hooks.append(target.register_forward_pre_hook(
             functools.partial(_pass_labels_down, _positional_parameters(target)), with_kwargs=True))
     state.hooks.append(
-        decoder.register_forward_pre_hook(functools.partial(_before_forward, state), with_kwargs=True)
+        decoder.register_forward_pre_hook(
+            functools.partial(_before_forward, state, _positional_parameters(decoder)), with_kwargs=True)
     )
     state.hooks.append(decoder.register_forward_hook(functools.partial(_after_forward, state), with_kwargs=True))
     if config.compile_prefill:
@@ -321,9 +320,10 @@ def _check_still_swaa(decoder: torch.nn.Module) -> None:
         )
 
 
-def _before_forward(state: PatchState, decoder: torch.nn.Module, args: tuple, kwargs: dict):
+def _before_forward(state: PatchState, parameters: tuple[str, ...], decoder: torch.nn.Module, args: tuple,
+                    kwargs: dict):
     """Forward pre-hook on the decoder: build this call's plan and hand it to every layer."""
-    kwargs = _forward_kwargs(state.decoder_parameters, args, kwargs)
+    kwargs = _forward_kwargs(parameters, args, kwargs)
     _check_still_swaa(decoder)
     tokens = kwargs.get("input_ids")
     if tokens is None:

@@ -258,6 +258,16 @@ def test_labels_and_prompt_len_in_every_form_mark_the_same_answers():
             torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
+def test_a_decoder_called_with_its_inputs_by_position_reads_them():
+    """The decoder's hook names positional arguments too: a padding mask passed by position is not dropped."""
+    model = swaa.patch_model(tiny_model("qwen3"), **FIELDS)
+    ids, mask = left_padded([9, 5], total=9, seed=49)
+    with torch.no_grad():
+        expected = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert not torch.allclose(model.model(input_ids=ids).last_hidden_state, expected)  # the mask matters
+        torch.testing.assert_close(model.model(ids, mask).last_hidden_state, expected, rtol=0, atol=0)
+
+
 def test_prompt_len_with_embeddings_or_inside_generate_is_refused():
     model = swaa.patch_model(tiny_model("qwen3"), **FIELDS)
     ids, mask = left_padded([6], total=6, seed=45)
