@@ -294,8 +294,16 @@ def _positional_parameters(module: torch.nn.Module) -> tuple[str, ...]:
 
 
 def _forward_kwargs(parameters: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
-    """A forward's arguments, all by name (``parameters``: from ``_positional_parameters``)."""
-    return {**dict(zip(parameters, args)), **kwargs}
+    """A forward's arguments, all by name (``parameters``: from ``_positional_parameters``), refused as Python
+    refuses them: the decoder's hook hands them on by name, where extra or repeated ones would vanish."""
+    if len(args) > len(parameters):
+        raise TypeError(f"forward takes {len(parameters)} positional arguments ({', '.join(parameters)}) but"
+                        f" {len(args)} were given")
+    named = dict(zip(parameters, args))
+    repeated = sorted(named.keys() & kwargs.keys())
+    if repeated:
+        raise TypeError(f"forward got multiple values for argument {repeated[0]!r}")
+    return {**named, **kwargs}
 
 
 def _padding_mask(attention_mask):

@@ -266,6 +266,10 @@ def test_a_decoder_called_with_its_inputs_by_position_reads_them():
         expected = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         assert not torch.allclose(model.model(input_ids=ids).last_hidden_state, expected)  # the mask matters
         torch.testing.assert_close(model.model(ids, mask).last_hidden_state, expected, rtol=0, atol=0)
+        with pytest.raises(TypeError, match="multiple values for argument 'attention_mask'"):
+            model.model(ids, mask, attention_mask=mask)
+        with pytest.raises(TypeError, match="positional arguments"):
+            model.model(ids, *[None] * 40)
 
 
 def test_prompt_len_with_embeddings_or_inside_generate_is_refused():
