@@ -200,7 +200,16 @@ def makes_its_own_mask(module_type: type) -> bool:
 _OTHER_KEYS = ("cross_attention_states", "encoder_hidden_states", "key_value_states", "kv_states")
 
 
-def attends_to_other_states(module_type: type) -> bool:
-    """Whether ``module_type`` is a cross-attention module: its keys are not the text's own tokens."""
+def attends_to_other_states(module) -> bool:
+    """Whether the attention ``module`` is a cross-attention module: its keys are not the text's own tokens.
+
+    A module that records which it is when built is taken at its word: GPT-2's and GPTBigCode's attention class
+    serves both, with ``is_cross_attention`` set on the second module a layer gets under ``add_cross_attention``,
+    while its forward takes ``encoder_hidden_states`` either way. Otherwise its class name or its forward's
+    parameters for other states to attend to say it."""
+    declared = getattr(module, "is_cross_attention", None)
+    if isinstance(declared, bool):
+        return declared
+    module_type = type(module)
     parameters = inspect.signature(module_type.forward).parameters
     return "CrossAttention" in module_type.__name__ or any(name in parameters for name in _OTHER_KEYS)

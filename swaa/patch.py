@@ -85,7 +85,7 @@ def _check_supported(model: PreTrainedModel) -> int:
         )
     num_layers = getattr(config, "num_hidden_layers", None)
     attention_modules = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
-    cross = sorted({m.layer_idx for m in attention_modules if compat.attends_to_other_states(type(m))})
+    cross = sorted({m.layer_idx for m in attention_modules if compat.attends_to_other_states(m)})
     if cross:
         raise ValueError(
             f"{name} has cross-attention layers {cross}: their keys are not the text's own tokens (an image's or an"

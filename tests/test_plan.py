@@ -296,6 +296,22 @@ def test_a_model_with_cross_attention_layers_is_refused_and_left_as_it_was():
     assert not model._forward_pre_hooks and not model.model._forward_pre_hooks
 
 
+def test_a_gpt2_model_is_refused_only_when_it_has_cross_attention():
+    """GPT-2's attention class takes ``encoder_hidden_states`` whether or not it attends to them; only
+    ``add_cross_attention=True`` gives each layer a second, cross-attention module (tests/test_family_sweep.py checks
+    plain GPT-2, GPTBigCode and GPT-SW3 exact; GPTBigCode cannot be built with cross-attention)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    fields = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64)
+    plain = GPT2LMHeadModel(GPT2Config(**fields)).eval()
+    swaa.patch_model(plain, window=4)
+    assert swaa.is_patched(plain)
+    crossed = GPT2LMHeadModel(GPT2Config(add_cross_attention=True, **fields)).eval()
+    with pytest.raises(ValueError, match=r"cross-attention layers \[0, 1\]"):
+        swaa.patch_model(crossed, window=4)
+    assert not swaa.is_patched(crossed)
+
+
 def test_the_largest_window_and_sink_equal_full_attention_and_larger_ones_are_refused():
     model = tiny_model("qwen3")
     ids, mask = left_padded([9, 4], total=9, seed=46)
