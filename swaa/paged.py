@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from .rules import LayerRule, sees_whole_prefix, visible, window_start
 
@@ -47,55 +48,59 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     heads must be a multiple of kv_heads (grouped-query attention). Returns (tokens, heads, head_dim).
     """
     output = torch.empty_like(query)
-    decode = []  # (request, query position, generated) of requests with one new token
+    windowed, whole = [], []  # groups (request, first row, end row, positions, keys): batched by kind
     for request, seq_len in enumerate(seq_lens):
         first, end = query_starts[request], query_starts[request + 1]
-        if end - first == 1:
-            decode.append(request)
-            continue
         for lo in range(first, end, tile):
             hi = min(lo + tile, end)
             positions = torch.arange(seq_len - (end - lo), seq_len - (end - hi), device=query.device)
-            keys = _visible_keys(rule, positions, prompt_lens[request], query.device)
-            output[lo:hi] = _attend(rule, query[lo:hi][None], positions[None], keys[None],
-                                    torch.tensor([prompt_lens[request]], device=query.device), key_cache,
-                                    value_cache, block_table[request : request + 1], scaling)[0]
-    if decode:
-        rows = torch.tensor([query_starts[r] for r in decode], device=query.device)
-        positions = torch.tensor([seq_lens[r] - 1 for r in decode], device=query.device)[:, None]
-        keys = [_visible_keys(rule, positions[i], prompt_lens[r], query.device) for i, r in enumerate(decode)]
-        keys = torch.nn.utils.rnn.pad_sequence(keys, batch_first=True, padding_value=-1)
-        output[rows] = _attend(rule, query[rows][:, None], positions, keys,
-                               torch.tensor([prompt_lens[r] for r in decode], device=query.device), key_cache,
-                               value_cache, block_table[decode], scaling)[:, 0]
+            keys, everything = _visible_keys(rule, positions, prompt_lens[request])
+            group = (request, lo, hi, positions, keys)
+            if not everything:
+                windowed.append(group)
+            elif hi - lo == 1:
+                whole.append(group)  # decode steps seeing every key: one call
+            else:  # a tile seeing every key: alone (padding tiles to the longest would double causal work)
+                _attend_groups(rule, [group], query, key_cache, value_cache, block_table, prompt_lens, scaling, output)
+    for groups in (windowed, whole):
+        if groups:
+            _attend_groups(rule, groups, query, key_cache, value_cache, block_table, prompt_lens, scaling, output)
     return output
 
 
-def _visible_keys(rule: LayerRule, positions: torch.Tensor, prompt_len: int, device) -> torch.Tensor:
-    """Key positions that a run of consecutive queries at ``positions`` may see between them, ascending: every
-    key up to the last query where one of them sees its whole prefix, else the sinks and the window from the first
-    query's window start to the last query."""
+def _visible_keys(rule: LayerRule, positions: torch.Tensor, prompt_len: int) -> tuple[torch.Tensor, bool]:
+    """Key positions that a run of consecutive queries at ``positions`` may see between them, ascending, and
+    whether that is every key: every key up to the last query where one of them sees its whole prefix, else the
+    sinks and the window from the first query's window start to the last query."""
     first, last = int(positions[0]), int(positions[-1])
+    device = positions.device
     if sees_whole_prefix(rule, first, last >= prompt_len):
-        return torch.arange(last + 1, device=device)
+        return torch.arange(last + 1, device=device), True
     start = window_start(rule, first)
-    return torch.cat([torch.arange(rule.sink, device=device), torch.arange(start, last + 1, device=device)])
+    return torch.cat([torch.arange(rule.sink, device=device), torch.arange(start, last + 1, device=device)]), False
 
 
-def _attend(rule: LayerRule, query: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
-            prompt_lens: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-            block_table: torch.Tensor, scaling: float) -> torch.Tensor:
-    """query: (n, q, heads, d) at ``positions`` (n, q); keys: (n, k) key positions to read, -1 for none;
-    block_table: (n, blocks); prompt_lens: (n,). Returns (n, q, heads, d)."""
+def _attend_groups(rule: LayerRule, groups: list, query: torch.Tensor, key_cache: torch.Tensor,
+                   value_cache: torch.Tensor, block_table: torch.Tensor, prompt_lens: list[int], scaling: float,
+                   output: torch.Tensor) -> None:
+    """One fused attention call over ``groups`` (request, first row, end row, query positions, key positions),
+    queries and keys padded to the group's longest; writes ``output[first:end]`` of each."""
+    requests = [group[0] for group in groups]
+    rows = torch.cat([torch.arange(lo, hi, device=query.device) for _, lo, hi, _, _ in groups])
+    positions = pad_sequence([group[3] for group in groups], batch_first=True, padding_value=-1)  # (n, q)
+    keys = pad_sequence([group[4] for group in groups], batch_first=True, padding_value=-1)  # (n, k)
+    real = positions >= 0
+    queries = query.new_zeros(*positions.shape, *query.shape[1:])
+    queries[real] = query[rows]
     block_size = key_cache.shape[1]
     read = keys.clamp(min=0)
-    blocks = block_table.gather(1, read // block_size).long()
+    blocks = block_table[requests].gather(1, read // block_size).long()
     offsets = read % block_size
     key = key_cache[blocks, offsets].to(query.dtype)  # (n, k, kv_heads, d)
     value = value_cache[blocks, offsets].to(query.dtype)
-    generated = positions >= prompt_lens[:, None]
-    mask = visible(rule, positions[:, :, None], keys[:, None, :], generated[:, :, None])  # (n, q, k)
-    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+    generated = positions >= torch.tensor([prompt_lens[r] for r in requests], device=query.device)[:, None]
+    mask = visible(rule, positions[:, :, None], keys[:, None, :], generated[:, :, None])  # (n, q, k); pads: none
+    out = F.scaled_dot_product_attention(queries.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                          attn_mask=mask[:, None], scale=scaling,
-                                         enable_gqa=query.shape[2] != key.shape[2])
-    return out.transpose(1, 2)
+                                         enable_gqa=query.shape[1] != key.shape[2])
+    output[rows] = out.transpose(1, 2)[real]

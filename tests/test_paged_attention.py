@@ -29,8 +29,8 @@ def test_small_tiles_read_only_the_window_and_sinks(monkeypatch):
     from swaa import paged
 
     reads = []
-    attend = paged._attend
-    monkeypatch.setattr(paged, "_attend", lambda *a, **k: reads.append(a[3].shape[1]) or attend(*a, **k))
+    attend = paged._attend_groups
+    monkeypatch.setattr(paged, "_attend_groups", lambda *a: reads.extend(len(g[4]) for g in a[1]) or attend(*a))
     case = PagedCase((Request(40, 40, 40),), LayerRule(6, 2, True))
     inputs, expected, plain = make_inputs(case)
     output = paged_attention(**inputs, rule=case.rule, scaling=case.head_dim**-0.5, tile=4)
