@@ -2,7 +2,8 @@
 try ``python -m swaa.eval`` on a CPU, offline, in seconds (random weights: accuracies near 0).
 
     python -m swaa.tiny ./tiny-model
-    python -m swaa.eval --model ./tiny-model --synthetic needle --length 512 --num 2 --output /tmp/swaa-eval
+    python -m swaa.eval --model ./tiny-model --synthetic needle --length 512 --num 2 --configs '{"window": 64}' \\
+        --output /tmp/swaa-eval
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     folder = save_tiny_model(args.folder, args.seed, args.layers)
     print(f"tiny Qwen3 and tokenizer written to {folder}; try:\n"
-          f"    python -m swaa.eval --model {folder} --synthetic needle --length 512 --num 2 --output /tmp/swaa-eval")
+          f"    python -m swaa.eval --model {folder} --synthetic needle --length 512 --num 2 --configs '{{\"window\": 64}}'"
+          " --output /tmp/swaa-eval")
     return 0
 
 

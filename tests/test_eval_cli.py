@@ -48,7 +48,7 @@ def test_cli_synthetic_grid_writes_results_and_prints_the_table_last(model_dir, 
     assert saved["settings"]["examples"] == 2 and saved["settings"]["dtype"] == "float32"
 
 
-def test_cli_dataset_file_and_inline_json(model_dir, tmp_path, capsys):
+def test_cli_dataset_file_and_inline_json(model_dir, tmp_path, capsys, caplog):
     """The same entry point in-process (a subprocess per case would mostly time imports)."""
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "Say yes.", "answer": "yes", "question_type": "q"}\n')
@@ -56,7 +56,23 @@ def test_cli_dataset_file_and_inline_json(model_dir, tmp_path, capsys):
                  str(tmp_path / "o"), "--scorer", "exact", "--max-new-tokens", "2", "--quiet", "--no-plot"])
     assert code == 0
     assert "| SWA 4 + FA decode |" in capsys.readouterr().out
+    assert "covers every token" not in caplog.text  # a window shorter than the prompt changes attention
     assert not (tmp_path / "o" / "accuracy_vs_time.png").exists()
+
+
+def test_without_configs_the_recommended_config_runs_beside_full_attention_and_says_so(model_dir, tmp_path, capsys,
+                                                                                        caplog):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "Say yes.", "answer": "yes"}\n')
+    code = main(["--model", str(model_dir), "--data", str(data), "--output", str(tmp_path / "o"), "--max-new-tokens",
+                 "2", "--quiet", "--no-plot"])
+    assert code == 0
+    out, err = capsys.readouterr()
+    assert 'no --configs: comparing full attention with the recommended config {"window": 2048, "sink": 100,' in err
+    rows = [line.split("|")[1].strip() for line in out.strip().splitlines()[2:]]
+    assert rows == ["full attention", "SWA 2048 + FA decode + sink 100 + full 1::2"]
+    # a window longer than every prompt attends as full attention does: the run says so
+    assert "window 2048 covers every token of these prompts" in caplog.text
 
 
 def test_cli_bad_input_is_a_clear_error(model_dir, tmp_path, capsys):

@@ -10,6 +10,8 @@
     python -m swaa.eval --model ./tiny-model --synthetic needle --length 512 --num 2 --configs '{"window": 64}' \\
         --output /tmp/swaa-eval
 
+Without ``--configs`` the recommended config (window 2048, sink 100, interleave 2) runs beside full attention.
+
 torch and transformers are imported after the arguments are read: ``--help`` answers at once.
 """
 
@@ -21,6 +23,7 @@ import logging
 import sys
 
 from ..config import load_config_list
+from .configs import RECOMMENDED
 from .scoring import SCORERS
 from .synthetic import TASKS, synthetic_dataset
 
@@ -40,9 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--length", default="4096", help="synthetic prompt length(s) in tokens, comma-separated")
     parser.add_argument("--num", type=int, default=10, help="synthetic examples per task and length")
     parser.add_argument("--seed", type=int, default=0, help="synthetic seed")
-    parser.add_argument("--configs", default="[]",
+    parser.add_argument("--configs",
                         help="SWAA configs: inline JSON (a dict or a list; null = full attention) or a .json/.yaml"
-                        " file, the authors' settings lists included")
+                        f" file, the authors' settings lists included (default: the recommended {json.dumps(RECOMMENDED)})")
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--scorer", default="substring", choices=sorted(SCORERS), help="how predictions are scored")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -70,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         raise SystemExit(f"swaa.eval: --template-kwargs / --length: {error}") from None
     chat_template = {"auto": "auto", "on": True, "off": False}[args.chat_template]
+    if args.configs is None:
+        args.configs = [RECOMMENDED]
+        print(f"swaa.eval: no --configs: comparing full attention with the recommended config {json.dumps(RECOMMENDED)}",
+              file=sys.stderr)
     try:  # everything that can be checked without the model, before loading it
         load_config_list(args.configs)
         unknown = [task.strip() for task in (args.synthetic or "").split(",") if task.strip() and task.strip() not in TASKS]

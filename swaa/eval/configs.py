@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..config import SWAAConfig, load_config_list
 
 FULL_ATTENTION = "full attention"
+RECOMMENDED = {"window": 2048, "sink": 100, "interleave": 2}  # the README's starting point (Which strategy to pick)
 parse_configs = load_config_list  # the name swaa.eval first exported for the config-list reader
 
 
@@ -16,6 +17,13 @@ def with_baseline(configs: list[SWAAConfig | None]) -> list[SWAAConfig | None]:
         if config not in seen:
             seen.append(config)
     return seen
+
+
+def covers_every_key(config: SWAAConfig, longest_prompt: int, max_new_tokens: int) -> bool:
+    """Whether ``config``'s window reaches every earlier token of prompts of at most ``longest_prompt`` tokens and
+    ``max_new_tokens`` generated ones: its attention is then full attention's. With FA decode on in every SWA
+    layer only the prompt's queries use the window."""
+    return config.window >= longest_prompt + (0 if config.fa_decode is True else max_new_tokens)
 
 
 def config_name(config: SWAAConfig | None) -> str:

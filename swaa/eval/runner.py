@@ -16,7 +16,7 @@ from ..config import load_config_list
 from ..data import prompt_ids
 from ..patch import is_patched, patch_model, unpatch_model
 from ..tables import markdown_table
-from .configs import FULL_ATTENTION, config_name, with_baseline
+from .configs import FULL_ATTENTION, config_name, covers_every_key, with_baseline
 from .data import Example, extract_answer, filter_by_length, to_examples
 from .scoring import DEFAULT_LENGTH_EDGES, accuracy_by, get_scorer, length_bin, scorer_name
 
@@ -257,6 +257,12 @@ def run_grid(model, tokenizer, dataset, configs, output_dir: str | os.PathLike |
                          " attention baseline is the original model")
     prepared = _prepare(examples, tokenizer, chat_template, system, template_kwargs, min_tokens, max_tokens)
     generate_kwargs = {"max_new_tokens": max_new_tokens, **(generate_kwargs or {})}
+    longest = max(len(item.ids) for item in prepared)
+    for config in grid[1:]:
+        if covers_every_key(config, longest, max_new_tokens):
+            logger.warning("%s: window %d covers every token of these prompts (at most %d tokens): it attends"
+                           " as full attention does, and its row differs from full attention's in time only",
+                           config_name(config), config.window, longest)
 
     from tqdm import tqdm
 
