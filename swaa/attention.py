@@ -82,9 +82,10 @@ def swaa_attention(
             " DynamicCache / StaticCache holding every token so far"
         )
     rule = context.rules[layer]
-    attend = backends.select(context.backend, query, value, rule, plan, context.need_weights)
+    call = backends.Call(query, key, value, rule, plan, dropout, context.need_weights, torch.compiler.is_compiling())
+    backend = backends.select(context.backend, call)
     context.layers_called.add(layer)
-    return attend(
+    return backend.attend(
         query,
         key,
         value,

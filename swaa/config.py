@@ -11,7 +11,6 @@ import numbers
 import os
 from dataclasses import asdict, dataclass, fields
 
-BACKENDS = ("auto", "reference", "flash", "flex")
 MAX_TOKENS = 2**63 - 1  # positions are int64 tensors: a larger window or sink would wrap around inside torch
 
 # The authors' field names (their swaa_config.py) and ours; their defaults differ from ours.
@@ -53,7 +52,8 @@ class SWAAConfig:
         full_attention_layers: explicit list of full-attention layers; excludes ``interleave``.
         fa_decode: generated tokens attend to every earlier token in SWA layers: True (all SWA
             layers), False, or a list of the SWA layers that do so.
-        backend: "auto" (fastest exact path on the device), "reference", "flash" or "flex".
+        backend: "auto" (fastest exact path on the device), or a backend's name: "reference", "flash",
+            "flex" (``swaa.backends.NAMES``; each backend declares itself in ``swaa/backends``).
         drop_layers_beyond_depth: ignore (with a warning) layer indices past the model's depth instead
             of failing; set for configs in the authors' format, whose lists run past small models.
         bounded_cache: SWA layers without FA decode keep only their sinks and last ``window - 1`` keys in
@@ -62,8 +62,8 @@ class SWAAConfig:
             first chunk), without gradients, runs the decoder through ``torch.compile`` with dynamic shapes:
             one compilation per process serves every length (``swaa.prefill``); batches, padding and later
             chunks run eagerly. Off by default: the first prompt then costs minutes of compilation (2-4 on
-            an H200 for a 36-layer model) for a 10-25% faster prefill. Not with backend "flash", which plans
-            its calls on the host.
+            an H200 for a 36-layer model) for a 10-25% faster prefill. Not with a backend that declares it
+            cannot be compiled ("flash", which plans its calls on the host).
     """
 
     window: int
@@ -106,18 +106,21 @@ class SWAAConfig:
             )
         if not isinstance(self.fa_decode, bool):
             object.__setattr__(self, "fa_decode", _layer_list("fa_decode", self.fa_decode))
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend={self.backend!r}: must be one of {', '.join(map(repr, BACKENDS))}")
+        from . import backends  # the registry imports this module: looked up when a config is built
+
+        if self.backend not in backends.NAMES:
+            raise ValueError(f"backend={self.backend!r}: must be one of {', '.join(map(repr, backends.NAMES))}")
         if not isinstance(self.drop_layers_beyond_depth, bool):
             raise TypeError(f"drop_layers_beyond_depth={self.drop_layers_beyond_depth!r}: must be a bool")
         if not isinstance(self.bounded_cache, bool):
             raise TypeError(f"bounded_cache={self.bounded_cache!r}: must be a bool")
         if not isinstance(self.compile_prefill, bool):
             raise TypeError(f"compile_prefill={self.compile_prefill!r}: must be a bool")
-        if self.compile_prefill and self.backend == "flash":
+        if self.compile_prefill and self.backend != "auto" and (reason := backends.get(self.backend).uncompilable):
+            compiled = [record.name for record in backends.RECORDS if record.nameable and not record.uncompilable]
             raise ValueError(
-                "compile_prefill=True with backend='flash': flash plans its calls on the host and cannot run in a"
-                " compiled forward; use backend='auto' or 'flex' (FlexAttention compiles into the prefill)"
+                f"compile_prefill=True with backend={self.backend!r}: {reason}; use backend='auto' or one of"
+                f" {compiled}"
             )
         if self.full_attention_layers is not None and isinstance(self.fa_decode, tuple):
             both = sorted(set(self.full_attention_layers) & set(self.fa_decode))
@@ -236,3 +239,13 @@ def load_config_list(source) -> list[SWAAConfig | None]:
     if not isinstance(source, (list, tuple)):
         source = [source]
     return [_config_entry(entry, index) for index, entry in enumerate(source)]
+
+
+def __getattr__(name: str):
+    """``BACKENDS``: the backend names a config accepts, read from the registry (which imports this module,
+    so it is looked up on use)."""
+    if name == "BACKENDS":
+        from .backends import NAMES
+
+        return NAMES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -137,3 +137,18 @@ GRADIENT_CASES = [c for c in CASES if c.q_len != 1] + [
     Case((21, 14), None, W(4, sink=2, fa_decode=True), prompt_end=15),  # answers see every key (FA decode)
     Case((1,), None, W(4, sink=2), packed=(12, 3, 9), heads=6, kv_heads=3),
 ]
+
+
+def takes(backend, case: Case, expected: torch.Tensor) -> bool:
+    """Whether ``backend`` (a ``swaa.backends.Backend``) should take ``case`` (float64, no weights, no dropout),
+    judged from the case and its expected mask alone: sdpa, the calls that need no mask (keys at their indices,
+    each query seeing every key up to its own), of one query per row or of a full-attention layer's prompt with
+    no cache (a windowed layer's prompt is refused even where its window covers it); every other backend, every
+    kernel case."""
+    if backend.name != "sdpa":
+        return True
+    q_len, kv_len = expected.shape[-2:]
+    at_index = len(set(case.lengths)) == 1 and not case.packed and not case.keys_shuffled
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
+    shape = q_len == 1 or (case.rule.is_full and q_len == kv_len)
+    return at_index and shape and bool((expected == causal).all())

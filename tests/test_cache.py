@@ -105,14 +105,10 @@ def test_chunked_prefill_attends_to_at_most_sink_window_and_chunk_keys(monkeypat
     seen = []
     select = backends.select
 
-    def spying_select(*args, **kwargs):
-        attend = select(*args, **kwargs)
-
-        def spy(query, key, value, *, rule, plan, **rest):
-            seen.append((rule, query.shape[-2], key.shape[-2], plan.key_pos.shape[1]))
-            return attend(query, key, value, rule=rule, plan=plan, **rest)
-
-        return spy
+    def spying_select(name, call):
+        record = select(name, call)
+        seen.append((call.rule, call.q_len, call.key.shape[-2], call.plan.key_pos.shape[1]))
+        return record
 
     monkeypatch.setattr(backends, "select", spying_select)
     model = tiny_model("qwen3")

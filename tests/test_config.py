@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from swaa import SWAAConfig
+from swaa import SWAAConfig, backends
 from swaa.config import load_config_list
 from swaa.rules import FULL_ATTENTION, LayerRule, full_attention_layers, layer_rules
 
@@ -31,7 +31,8 @@ from swaa.rules import FULL_ATTENTION, LayerRule, full_attention_layers, layer_r
         (dict(window=8, fa_decode=[0, 0]), ValueError, "fa_decode=[0, 0]: layer(s) [0] listed more than once"),
         (dict(window=8, fa_decode="yes"), TypeError, "fa_decode='yes': must be a list of layer indices"),
         (dict(window=8, full_attention_layers=[1], fa_decode=[0, 1]), ValueError, "layer(s) [1] are full-attention"),
-        (dict(window=8, backend="triton"), ValueError, "backend='triton': must be one of 'auto', 'reference'"),
+        (dict(window=8, backend="triton"), ValueError, "backend='triton': must be one of "
+         + ", ".join(map(repr, backends.NAMES))),
         (dict(window=8, bounded_cache="yes"), TypeError, "bounded_cache='yes': must be a bool"),
     ],
     ids=lambda value: str(value) if isinstance(value, dict) else "",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import CASES, Case, make_inputs, reference_output
+from kernel_cases import CASES, Case, make_inputs
 
 from swaa.backends import flex
 from swaa.plan import plan_forward
@@ -80,10 +80,6 @@ def test_block_mask_covers_exactly_the_rule(rule, plan):
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_flex_unfused_equals_reference(case):
-    """FlexAttention's unfused CPU path with our block mask and mask_mod equals the plain reference."""
-    query, key, value, plan, expected = make_inputs(case)
-    check_block_mask(case.rule, plan)
-    scaling = case.head_dim**-0.5
-    output, _ = flex.attend(query, key, value, rule=case.rule, plan=plan, scaling=scaling)
-    torch.testing.assert_close(output, reference_output(query, key, value, expected, scaling), rtol=1e-10, atol=1e-10)
+def test_block_mask_of_every_kernel_case(case):
+    """The kernel cases' block masks (their outputs: tests/test_backends.py)."""
+    check_block_mask(case.rule, make_inputs(case)[3])

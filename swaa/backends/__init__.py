@@ -1,73 +1,110 @@
-"""Attention backends: each computes exactly the SWAA rule for one layer, and says when it cannot run.
+"""Attention backends: each computes exactly the SWAA rule for one layer, and declares when it cannot.
 
-A backend is a function ``attend(query, key, value, *, rule, plan, scaling, dropout, need_weights)``
-returning ``(output, weights)``; see ``reference.attend`` for the shapes. Backends know nothing about
-models. ``select`` picks one per call; "auto" takes the fastest exact path measured on the device; "flex"
-runs FlexAttention on calls of several queries and auto's path on decode steps.
+Each backend is one module of this package holding an ``attend`` function and a ``BACKEND`` record
+(``base.Backend``): its name, its place in auto's order, why it cannot run on a device, why it does not take
+a call. ``select`` walks the records and decides nothing itself:
+
+- ``backend="auto"``: the first record in order that can run here and takes the call. The reference takes
+  every call, last.
+- a named backend: that record. A device it cannot run on, or a call it does not take, is an error with its
+  reason; never a silent switch to another backend. The one exception is declared on the record:
+  ``prefill_only`` backends hand decode steps to auto's path (every backend is exact, so the pattern is
+  the same).
+
+``SWAAConfig.backend`` accepts "auto" and the names of the records marked ``nameable``.
+
+How to add a backend:
+
+1. Write ``swaa/backends/<name>.py`` with ``attend(query, key, value, *, rule, plan, scaling, dropout=0.0,
+   need_weights=False) -> (output, weights)`` (shapes and conventions: ``reference.attend``) and at its end
+   ``BACKEND = Backend(name=..., order=..., attend=attend, unavailable=..., refuses=...)``. ``unavailable``
+   says why it cannot run on a device; ``refuses`` why it does not take a ``Call`` (weights, dropout, dtype,
+   head_dim, gradients, a mask it cannot apply...): each reason said there and nowhere else; ``attend``
+   checks nothing. See ``base.Backend`` for the other fields.
+2. Add its module name to ``_MODULES`` below: one line.
+3. The tests of tests/test_backends.py run it on every kernel case that it takes (against the float64
+   reference) and assert the reason of each case it refuses; nothing else to register.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-from collections.abc import Callable
 
 import torch
 
-from ..plan import Plan
-from ..rules import LayerRule
-from . import flash, flex, reference, sdpa
+from .base import Backend, Call
+
+_MODULES = (  # one line per backend module; the records give the order
+    "sdpa",
+    "flex",
+    "flash",
+    "reference",
+)
+
+RECORDS: tuple[Backend, ...] = tuple(sorted(
+    (importlib.import_module(f"{__name__}.{module}").BACKEND for module in _MODULES), key=lambda record: record.order
+))
+NAMES: tuple[str, ...] = ("auto", *(record.name for record in RECORDS if record.nameable))  # SWAAConfig.backend
 
 logger = logging.getLogger("swaa")
 _announced: set = set()
 
+__all__ = ["NAMES", "RECORDS", "Backend", "Call", "check_available", "get", "select"]
 
-def _announce(name: str, device: torch.device, why: str) -> None:
+
+def get(name: str) -> Backend:
+    """The record named ``name`` (nameable or not)."""
+    for record in RECORDS:
+        if record.name == name:
+            return record
+    raise ValueError(f"no attention backend {name!r}; registered: {', '.join(r.name for r in RECORDS)}")
+
+
+def _announce(record: Backend, device: torch.device, why: str) -> None:
     if torch.compiler.is_compiling():  # a log call would break the compiled graph; eager calls say it
         return
-    if (name, device.type, why) not in _announced:
-        _announced.add((name, device.type, why))
-        logger.info("attention backend %r on %s (%s)", name, device.type, why)
+    if (record.name, device.type, why) not in _announced:
+        _announced.add((record.name, device.type, why))
+        logger.info("attention backend %r on %s (%s)", record.name, device.type, why)
+
+
+def _runs_here(device: torch.device) -> str:
+    names = ["auto", *(r.name for r in RECORDS if r.nameable and not r.unavailable(device))]
+    return ", ".join(map(repr, names[:-1])) + f" or {names[-1]!r}" if len(names) > 1 else repr(names[0])
 
 
 def check_available(name: str, device: torch.device) -> None:
-    """Raise if backend ``name`` cannot run on ``device``: never fall back to another pattern silently."""
-    works_here = "'auto' or 'flex'" if device.type == "cuda" else "'auto' or 'reference'"
-    if name == "flex" and device.type != "cuda":
-        raise RuntimeError(f"backend='flex' cannot run on {device.type}: it needs a CUDA GPU; use backend={works_here}")
-    if name == "flash" and (reason := flash.available(device)):
-        raise RuntimeError(f"backend='flash' cannot run on {device.type}: {reason}; use backend={works_here}")
+    """Raise if backend ``name`` cannot run on ``device`` at all (checked when a model is patched)."""
+    if name != "auto" and (reason := get(name).unavailable(device)):
+        raise RuntimeError(f"backend={name!r} cannot run on {device.type}: {reason}; use backend={_runs_here(device)}")
 
 
-def select(name: str, query: torch.Tensor, value: torch.Tensor, rule: LayerRule, plan: Plan,
-           need_weights: bool) -> Callable:
-    """The attend function for backend ``name`` and this call."""
-    device = query.device
-    if need_weights and name not in ("auto", "reference"):
-        raise ValueError(f"output_attentions=True needs backend='reference' (or 'auto'); {name!r} returns no weights")
-    if name == "reference" or (name == "auto" and (device.type != "cuda" or need_weights)):
-        _announce("reference", device, "requested" if name == "reference" else "auto: exact dense path")
-        return reference.attend
-    check_available(name, device)
-    if name == "flash":
-        if torch.compiler.is_compiling():
-            raise RuntimeError(
-                "backend='flash' plans its FA2 calls on the host and cannot run in a compiled step; use backend="
-                "'auto' or 'flex' for compiled decoding (generate with cache_implementation='static')"
-            )
-        return flash.attend
-    if name == "flex" and query.shape[2] > 1:
-        return flex.attend
-    # auto, and a decode step (one query per row) under flex: FlexAttention's decoding kernel read a half-written
-    # static cache of 128k slots in 525 us on an H200 (the grouped matrix products swaa used then took 350), and
-    # inductor (torch 2.11) failed to build it inside a compiled decode step
-    if sdpa.handles(query, rule, plan):
-        _announce("sdpa", device, f"{name}: the query sees every key, no mask needed")
-        return sdpa.attend
-    if query.shape[2] == 1:
-        _announce("reference", device, f"{name}: one query per row with a mask, fused attention over the mask")
-        return reference.attend
-    if reason := flex.unsupported(query, value):
-        _announce("reference", device, f"auto: {reason}")
-        return reference.attend
-    _announce("flex", device, "auto: window, sinks, padding and cache slots in one block-sparse kernel")
-    return flex.attend
+def _auto(call: Call) -> Backend:
+    for record in RECORDS:
+        if record.auto and not record.refusal(call):
+            return record
+    reasons = "; ".join(f"{r.name}: {r.refusal(call)}" for r in RECORDS if r.auto)
+    raise RuntimeError(f"no attention backend takes this call ({reasons})")
+
+
+def select(name: str, call: Call) -> Backend:
+    """The record whose ``attend`` runs ``call`` under ``SWAAConfig.backend == name``."""
+    if name == "auto":
+        record = _auto(call)
+        _announce(record, call.device, f"auto: {record.about}")
+        return record
+    record = get(name)
+    check_available(name, call.device)
+    if call.q_len == 1 and record.prefill_only:
+        chosen = _auto(call)
+        _announce(chosen, call.device, f"{name} hands decode steps to auto's path: {chosen.about}")
+        return chosen
+    if reason := record.refusal(call):
+        takers = [r.name for r in RECORDS if r.nameable and not r.refusal(call)]
+        raise ValueError(
+            f"backend={name!r} does not take this call: {reason}; backends that do: 'auto', "
+            + ", ".join(map(repr, takers))
+        )
+    _announce(record, call.device, "requested")
+    return record

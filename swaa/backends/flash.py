@@ -27,15 +27,24 @@ import torch
 
 from ..plan import Plan
 from ..rules import LayerRule, kernel_window_left, sees_whole_prefix, sink_end, window_start
+from .base import Backend, Call
 
 
-def available(device: torch.device) -> str | None:
-    """Why FA2 cannot run on ``device``, or None when it can."""
+def _unavailable(device: torch.device) -> str | None:
     if device.type != "cuda":
         return f"FA2 needs a CUDA GPU, not {device.type}"
     major, _ = torch.cuda.get_device_capability(device)
     if major < 8:
         return f"FA2 needs compute capability 8.0 or newer (Ampere+), this GPU has {major}.x"
+    return None
+
+
+def refuses(call: Call) -> str | None:
+    """Takes every call without weights or dropout."""
+    if call.need_weights:
+        return "it returns no attention weights"
+    if call.dropout:
+        return f"it has no attention dropout (dropout={call.dropout})"
     return None
 
 
@@ -222,10 +231,8 @@ def attend(
     dropout: float = 0.0,
     need_weights: bool = False,
 ) -> tuple[torch.Tensor, None]:
-    """query: (batch, heads, q_len, head_dim); key, value: (batch, kv_heads, kv_len, head_dim).
-    Returns (batch, q_len, heads, head_dim); padding queries give 0."""
-    if dropout:
-        raise ValueError(f"backend='flash' has no attention dropout (dropout={dropout}); use backend='reference'")
+    """query: (batch, heads, q_len, head_dim); key, value: (batch, kv_heads, kv_len, head_dim), in a call
+    that ``refuses`` took. Returns (batch, q_len, heads, head_dim); padding queries give 0."""
     memo_key = ("flash", *rule.key())
     if memo_key not in plan.memo:
         plan.memo[memo_key] = _calls(rule, plan)
@@ -239,3 +246,12 @@ def attend(
         keys_values = [t[call.key_index] for call in calls for t in (keys, values)]
         output = output.index_copy(0, query_index, _Attention.apply(queries[query_index], scaling, calls, *keys_values))
     return output.view(batch, q_len, heads, head_dim), None
+
+
+# auto=False: FlexAttention ran a 128k prompt in 16.2 ms where FA2 and its sink merge took 27.5 (H100,
+# docs/performance.md), so flash runs only when named
+BACKEND = Backend(
+    name="flash", order=30, attend=attend, unavailable=_unavailable, refuses=refuses, auto=False,
+    uncompilable="it plans its FA2 calls on the host, which a compiled forward cannot do",
+    about="FA2's windowed kernel, sinks merged through the log-sum-exp",
+)

@@ -15,6 +15,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..plan import Plan
 from ..rules import LayerRule, keys_in_reach, sink_end, visible, window_start
+from .base import Backend, Call
 
 BLOCK = 128
 MIN_HEAD_DIM = 16  # FlexAttention's GPU kernel refuses smaller query/key/value embeddings
@@ -28,11 +29,21 @@ def _compiled_flex():
     return torch.compile(flex_attention)
 
 
-def unsupported(query: torch.Tensor, value: torch.Tensor) -> str | None:
-    """Why the fused kernel cannot take these heads, or None when it can."""
-    if min(query.shape[-1], value.shape[-1]) < MIN_HEAD_DIM:
-        return f"head_dim {query.shape[-1]} (values {value.shape[-1]}) is below FlexAttention's minimum of {MIN_HEAD_DIM}"
+def refuses(call: Call) -> str | None:
+    """Takes every call of several queries, on a CUDA GPU, without weights or dropout, with heads the kernel
+    can hold."""
+    if call.need_weights:
+        return "it returns no attention weights"
+    if call.dropout:
+        return f"it has no attention dropout (dropout={call.dropout})"
+    if min(call.query.shape[-1], call.value.shape[-1]) < MIN_HEAD_DIM:
+        return (f"head_dim {call.query.shape[-1]} (values {call.value.shape[-1]}) is below FlexAttention's minimum"
+                f" of {MIN_HEAD_DIM}")
     return None
+
+
+def _unavailable(device: torch.device) -> str | None:
+    return None if device.type == "cuda" else "it needs a CUDA GPU"
 
 
 def _flex(query: torch.Tensor):
@@ -53,12 +64,8 @@ def attend(
     dropout: float = 0.0,
     need_weights: bool = False,
 ) -> tuple[torch.Tensor, None]:
-    """query: (batch, heads, q_len, head_dim); key, value: (batch, kv_heads, kv_len, head_dim).
-    Returns (batch, q_len, heads, head_dim); queries that see no key (padding) give 0."""
-    if dropout:
-        raise ValueError(f"backend='flex' has no attention dropout (dropout={dropout}); use backend='reference'")
-    if query.is_cuda and (reason := unsupported(query, value)):
-        raise ValueError(f"backend='flex' cannot run this model: {reason}; use backend='auto' or 'reference'")
+    """query: (batch, heads, q_len, head_dim); key, value: (batch, kv_heads, kv_len, head_dim), in a call
+    that ``refuses`` took. Returns (batch, q_len, heads, head_dim); queries that see no key (padding) give 0."""
     key_ = ("flex", *rule.key())
     if key_ not in plan.memo:
         plan.memo[key_] = block_mask(rule, plan)
@@ -193,3 +200,14 @@ def _mask_mod(rule: LayerRule, plan: Plan, q_len: int, kv_len: int):
         return seen & (k < key_pos.shape[1])
 
     return mask_mod
+
+
+BACKEND = Backend(
+    name="flex", order=20, attend=attend, unavailable=_unavailable, refuses=refuses,
+    prefill_only=(
+        "FlexAttention's decoding kernel read a half-written static cache of 128k slots in 525 us on an H200"
+        " (the grouped matrix products swaa used then took 350), and inductor (torch 2.11) failed to build it"
+        " inside a compiled decode step"
+    ),
+    about="window, sinks, padding and cache slots in one block-sparse kernel",
+)

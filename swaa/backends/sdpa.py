@@ -14,18 +14,32 @@ import torch.nn.functional as F
 
 from ..plan import Plan
 from ..rules import LayerRule, sees_whole_prefix
+from .base import Backend, Call
 
 
-def handles(query: torch.Tensor, rule: LayerRule, plan: Plan) -> bool:
-    """True on plain rows for one query per row that sees its whole prefix, and for a full-attention prompt
-    with no cache."""
-    q_len = query.shape[2]
-    if q_len == 1:
-        if rule.is_full or (rule.fa_decode and plan.all_generated()):
-            return plan.plain()
-        # plain rows: the query sits at the last slot, its position is the cache length - 1
-        return plan.plain() and sees_whole_prefix(rule, plan.kv_len - 1, False)
-    return rule.is_full and q_len == plan.kv_len and plan.plain()
+def refuses(call: Call) -> str | None:
+    """Takes one query per row that sees its whole prefix, and a full-attention prompt with no cache, on
+    plain rows (every key at its index): the calls where no mask is needed."""
+    if call.need_weights:
+        return "it returns no attention weights"
+    rule, plan = call.rule, call.plan
+    if call.q_len == 1:
+        if not (rule.is_full or (rule.fa_decode and plan.all_generated())
+                or sees_whole_prefix(rule, plan.kv_len - 1, False)):  # plain rows: the query sits at the last slot
+            return "the query's window and sinks do not cover every key: a mask is needed"
+    elif not rule.is_full:
+        return "several queries of a windowed layer need the window's mask"
+    elif call.q_len != plan.kv_len:
+        return "several queries onto cached keys need a causal mask offset by the cache"
+    if not plan.plain():
+        return "rows hold padding, packed sequences or unwritten cache slots: a mask is needed"
+    return None
+
+
+def _unavailable(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "auto's path on the CPU is the reference's masked call for every call (docs/performance.md)"
+    return None
 
 
 def attend(
@@ -40,10 +54,16 @@ def attend(
     need_weights: bool = False,
 ) -> tuple[torch.Tensor, None]:
     """query: (batch, heads, q_len, head_dim); key, value: (batch, kv_heads, kv_len, head_dim), in a case
-    that ``handles`` accepted. Returns (batch, q_len, heads, head_dim)."""
+    that ``refuses`` took. Returns (batch, q_len, heads, head_dim)."""
     # a Python bool: under a compiled prefill's dynamic lengths a SymBool would break the graph
     causal = True if query.shape[2] > 1 else False  # noqa: SIM210
     output = F.scaled_dot_product_attention(
         query, key, value, dropout_p=dropout, is_causal=causal, scale=scaling, enable_gqa=True
     )
     return output.transpose(1, 2).contiguous(), None
+
+
+BACKEND = Backend(
+    name="sdpa", order=10, attend=attend, unavailable=_unavailable, refuses=refuses, nameable=False,
+    about="the query sees every key, no mask needed",
+)

@@ -11,11 +11,11 @@ import importlib.util
 
 import pytest
 import torch
-from kernel_cases import CASES, GRADIENT_CASES, Case, make_inputs, output_and_gradients, reference_output
+from kernel_cases import CASES, GRADIENT_CASES, Case, make_inputs, output_and_gradients, reference_output, takes
 from reference import attention as plain_attention
 
 import swaa
-from swaa.backends import flash, flex, reference, sdpa
+from swaa.backends import Call, flash, flex, reference, sdpa
 from swaa.plan import Plan, plan_forward
 from swaa.rules import LayerRule
 
@@ -111,10 +111,11 @@ def test_backend_gradients_equal_reference(attend, case, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [c for c in GPU_CASES if c.q_len == 1 or c.rule.is_full], ids=str)
 def test_sdpa_paths_equal_reference(case, dtype):
-    query, key, value, plan, _ = make_inputs(case, device="cuda", dtype=dtype)
-    if not sdpa.handles(query, case.rule, plan):
-        pytest.skip("not an sdpa case")
-    check(sdpa.attend, case, dtype)
+    query, key, value, plan, expected = make_inputs(case, device="cuda", dtype=dtype)
+    reason = sdpa.refuses(Call(query, key, value, case.rule, plan))
+    assert (reason is None) == takes(sdpa.BACKEND, case, expected.cpu()), reason
+    if reason is None:
+        check(sdpa.attend, case, dtype)
 
 
 def dense_attention(query, key, value, mask, scaling):
