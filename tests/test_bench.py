@@ -21,13 +21,25 @@ def test_bench_smoke_writes_results(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert [(r["config"], r["length"]) for r in saved["model"]] == [(r["config"], r["length"]) for r in result["model"]]
     assert {row["config"] for row in saved["model"]} == {"full attention (sdpa)", *bench.swaa_configs(smoke=True)}
-    assert len(saved["speedups"]) == len(bench.swaa_configs(smoke=True)) * 2
-    assert plot.read_bytes().startswith(b"\x89PNG")
+    assert saved["speedups"] == [] and not plot.exists()  # prompts of 64 and 160 tokens: the window covers them
+    assert all(row["peak_gib"] is None for row in saved["model"])  # no GPU: no peak, and no "nan GiB"
     assert [row["path"] for row in saved["decode"]] == list(bench.decode_paths(smoke=True))
     assert all(row["tpot_ms"] > 0 for row in saved["decode"])
     assert [row["path"] for row in saved["end_to_end"]] == ["unpatched, static + compiled",
                                                             "FA decode + interleave 2, static + compiled"]
     assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("| FA decode + interleave 2, static")
+
+
+def test_smoke_says_it_is_one_and_gives_a_ratio_only_beyond_the_window(tmp_path, capsys):
+    plot = tmp_path / "speedup.png"
+    result = bench.main(["--smoke", "--out", str(tmp_path / "b.json"), "--plot", str(plot), "--configs", "full attention",
+                         "interleave 2", "--lengths", "64", str(bench.WINDOW + 1)])
+    assert [(row["config"], row["length"]) for row in result["speedups"]] == [("FA decode + interleave 2",
+                                                                              bench.WINDOW + 1)]
+    assert result["speedups"][0]["ttft_speedup"] > 0 and result["speedups"][0]["memory_ratio"] is None
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    out = capsys.readouterr().out
+    assert "SMOKE RUN: a tiny model on the CPU" in out and "nan" not in out
 
 
 @pytest.mark.skipif(bench.torch.cuda.is_available(), reason="checks a machine without CUDA")
