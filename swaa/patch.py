@@ -32,7 +32,7 @@ from .config import SWAAConfig
 from .generation import INSTALLED, InstanceMethod
 from .plan import GENERATE_KWARG, PROMPT_LEN_KWARG, plan_forward
 from .prefill import decoder_forward
-from .rules import LayerRule, describe_rules, layer_rules
+from .rules import LayerRule, decodes_differently, describe_rules, layer_rules
 
 logger = logging.getLogger("swaa")
 
@@ -388,7 +388,7 @@ def _check_training_answers(state: PatchState, decoder, generate, labels, prompt
     said in a warning."""
     if not (decoder.training and state.generates and generate is None):
         return  # first: a compiled decode step then reads (and guards on) no rule
-    decoding = [layer for layer, rule in enumerate(state.rules) if rule.fa_decode]
+    decoding = [layer for layer, rule in enumerate(state.rules) if decodes_differently(rule)]
     if not decoding or prompt_len is not None:
         return
     if labels is None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .rules import LayerRule, visible
+from .rules import LayerRule, decodes_differently, sees_whole_prefix, visible
 
 GENERATE_KWARG = "swaa_prompt_end"  # from swaa's generate wrappers to the decoder: see Prefill and plan_forward
 PROMPT_LEN_KWARG = "prompt_len"
@@ -124,6 +124,20 @@ class Plan:
         """Whether every query is a generated token."""
         known = False if self.may_be_generated is False else None
         return self._answer("all_generated", known, False, lambda: bool(self.query_generated.all()))
+
+    def generated_matters(self, rule: LayerRule) -> bool:
+        """Whether ``rule`` treats some query of this forward as a generated token (FA decode, a generated
+        query): else positions alone decide what each query sees."""
+        return decodes_differently(rule) and self.any_generated()
+
+    def sees_every_key(self, rule: LayerRule) -> bool:
+        """Whether every query sees every key up to its own position, each key at its index (``plain``): a
+        causal kernel then needs no mask. Told from the rule before any look at the tensors: a full layer, FA
+        decode with every query generated, or a window from the last slot (on plain rows, no query sits later)
+        that reaches the sinks."""
+        last = self.kv_len - 1
+        whole = rule.is_full or (rule.fa_decode and self.all_generated()) or sees_whole_prefix(rule, last, False)
+        return whole and self.plain()
 
     def _answer(self, name: str, known: bool | None, compiling: bool, look) -> bool:
         """``known`` when the build could tell; while compiling, the answer that is always exact to assume

@@ -3,8 +3,9 @@
 ``visible`` is the rule itself, element by element; the dense reference mask and FlexAttention's mask_mod
 are that predicate. The coarser questions the fast paths and the caches ask are answered here too, from
 the same two quantities (``window_start`` and ``rule.sink``): does a query see its whole prefix
-(``sees_whole_prefix``), does a span of keys lie wholly in reach (``keys_in_reach``), may a layer forget old
-keys (``forgets_old_keys``), which keys must it keep (``kept_keys``, ``still_visible``, ``ring_slot``), how
+(``sees_whole_prefix``; for a whole forward, ``Plan.sees_every_key``), does a generated token see more than a
+prompt token (``decodes_differently``; for a whole forward, ``Plan.generated_matters``), does a span of keys
+lie wholly in reach (``keys_in_reach``), may a layer forget old keys (``forgets_old_keys``), which keys must it keep (``kept_keys``, ``still_visible``, ``ring_slot``), how
 many pairs a prompt keeps (``visible_pairs``). No other module does window or sink arithmetic. See
 ``docs/rules.md`` for the rule table.
 """
@@ -147,6 +148,12 @@ def sees_whole_prefix(rule: LayerRule, query_pos, query_generated):
         return True
     reaches = window_start(rule, query_pos) <= rule.sink
     return reaches | query_generated if rule.fa_decode else reaches
+
+
+def decodes_differently(rule: LayerRule) -> bool:
+    """Whether a generated token sees more than a prompt token at the same position in this layer (FA decode
+    in an SWA layer): where it does, which queries are generated matters."""
+    return rule.fa_decode and not rule.is_full
 
 
 def sink_end(rule: LayerRule) -> int:

@@ -70,15 +70,17 @@ def test_dropout_is_applied_or_refused(backend):
 
 
 def test_backend_names_come_from_the_registry():
-    assert backends.NAMES == ("auto", "flex", "flash", "reference")
-    assert [record.name for record in backends.RECORDS] == ["sdpa", "flex", "flash", "reference"]
+    assert backends.NAMES == ("auto", "flex", "flash", "windowed", "reference")
+    assert [record.name for record in backends.RECORDS] == ["sdpa", "flex", "flash", "windowed", "reference"]
     assert all(a.order < b.order for a, b in zip(backends.RECORDS, backends.RECORDS[1:]))
 
 
 @pytest.fixture
 def cuda_here(monkeypatch):
-    """Every record runs on this device: ``select``'s walk is tested, not the device."""
-    monkeypatch.setattr(backends, "RECORDS", tuple(replace(r, unavailable=lambda device: None) for r in backends.RECORDS))
+    """Every record runs on this device but the CPU's windowed one, as on a GPU: ``select``'s walk is tested, not
+    the device."""
+    monkeypatch.setattr(backends, "RECORDS", tuple(r if r.name == "windowed" else replace(r, unavailable=lambda device: None)
+                                                   for r in backends.RECORDS))
 
 
 def _call(q_len, past, mask=None, head_dim=16, **fields):
@@ -120,4 +122,4 @@ def test_a_named_backend_refuses_a_call_with_its_reason_never_switching(cuda_her
 def test_a_named_backend_that_cannot_run_here_says_why_at_once():
     with pytest.raises(RuntimeError, match="backend='flex' cannot run on cpu: it needs a CUDA GPU; use backend='auto'"):
         backends.select("flex", _call(6, 0))
-    assert backends.select("auto", _call(6, 0)).name == "reference"  # the CPU: every other record is unavailable
+    assert backends.select("auto", _call(6, 0)).name == "windowed"  # the CPU: the GPU's records are unavailable

@@ -186,7 +186,7 @@ def _mask_mod(rule: LayerRule, plan: Plan, q_len: int, kv_len: int):
     the position tensors keeps a compiled decode step from fusing a pad into the kernel). Window and sink enter
     as tensors, so the compiled kernel serves every window size without recompiling."""
     device = plan.query_pos.device
-    if q_len == kv_len and plan.plain() and not (rule.fa_decode and plan.any_generated()):
+    if q_len == kv_len and plan.plain() and not plan.generated_matters(rule):
         # traced into a compiled prefill, the cache has nothing to keep (dynamo warns about cached functions)
         return (_index_mask_mod.__wrapped__ if torch.compiler.is_compiling() else _index_mask_mod)(rule, device)
     rule = _tensor_rule(rule, device)

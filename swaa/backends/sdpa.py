@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..plan import Plan
-from ..rules import LayerRule, sees_whole_prefix
+from ..rules import LayerRule
 from .base import Backend, Call
 
 
@@ -23,16 +23,12 @@ def refuses(call: Call) -> str | None:
     if call.need_weights:
         return "it returns no attention weights"
     rule, plan = call.rule, call.plan
-    if call.q_len == 1:
-        if not (rule.is_full or (rule.fa_decode and plan.all_generated())
-                or sees_whole_prefix(rule, plan.kv_len - 1, False)):  # plain rows: the query sits at the last slot
-            return "the query's window and sinks do not cover every key: a mask is needed"
-    elif not rule.is_full:
-        return "several queries of a windowed layer need the window's mask"
-    elif call.q_len != plan.kv_len:
+    if call.q_len > 1 and not rule.is_full:
+        return "several queries of a windowed layer: sdpa takes the prompts of full-attention layers only"
+    if call.q_len > 1 and call.q_len != plan.kv_len:
         return "several queries onto cached keys need a causal mask offset by the cache"
-    if not plan.plain():
-        return "rows hold padding, packed sequences or unwritten cache slots: a mask is needed"
+    if not plan.sees_every_key(rule):
+        return "a mask is needed: a query does not see every key up to its own, or keys are not at their indices"
     return None
 
 
