@@ -335,15 +335,19 @@ def _checked_labels(labels, batch_size: int, q_len: int) -> torch.Tensor:
 
 def _checked_prompt_len(prompt_len, batch_size: int, device: torch.device) -> torch.Tensor:
     """``prompt_len`` (real prompt tokens: one int, or one per row) as a (batch, 1) tensor, or a clear error."""
-    values = torch.as_tensor(prompt_len)
+    error = ValueError(
+        f"prompt_len={prompt_len!r}: must be an int >= 0 (real prompt tokens of every row) or {batch_size} such"
+        " ints, one per row (a list, or a tensor of shape (batch,) or (batch, 1)), each below 2**63"
+    )
+    try:  # torch's own errors for a string, a None or an int past int64 name no field
+        values = torch.as_tensor(prompt_len)
+    except (TypeError, RuntimeError, ValueError):
+        raise error from None
     if values.dim() == 2 and values.shape[1] == 1:  # one per row, as a column
         values = values[:, 0]
     if values.dtype == torch.bool or values.is_floating_point() or values.is_complex() or values.dim() > 1 or (
             values.dim() == 1 and values.shape[0] != batch_size) or bool((values < 0).any()):
-        raise ValueError(
-            f"prompt_len={prompt_len!r}: must be an int >= 0 (real prompt tokens of every row) or {batch_size} such"
-            " ints, one per row (a list, or a tensor of shape (batch,) or (batch, 1))"
-        )
+        raise error
     return values.to(device).reshape(-1, 1)
 
 

@@ -123,7 +123,7 @@ def test_integer_like_fields_become_ints_and_survive_save(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["swaa"]["window"] == 8
 
 
-@pytest.mark.parametrize("prompt_len", [-1, 2.5, [3, 4, 5], True], ids=str)
+@pytest.mark.parametrize("prompt_len", [-1, 2.5, [3, 4, 5], True, "5", [None, 1], 2**70, [2**70, 1]], ids=str)
 def test_bad_prompt_len_is_named(prompt_len):
     model = swaa.patch_model(tiny_model("qwen3"), window=2, sink=1)
     ids, mask = left_padded([6, 4], total=6, seed=42)
