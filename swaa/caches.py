@@ -39,10 +39,18 @@ def new_cache(rules: tuple[LayerRule, ...], bounded: bool = True) -> DynamicCach
     return DynamicCache(ddp_cache_data=[(None, None)] * len(rules))  # one empty full layer per decoder layer
 
 
-def check_cache(cache: object, rules: tuple[LayerRule, ...]) -> None:
+def check_cache(cache: object, rules: tuple[LayerRule, ...], needed: int | None = None) -> None:
     """Raise unless swaa can run exactly on ``cache`` under ``rules``: its own caches (one that drops keys only
     under the rules it was made for: another rule may need them), or a transformers ``DynamicCache`` /
-    ``StaticCache`` whose layers keep every token (no sliding-window, offloaded or quantized layers)."""
+    ``StaticCache`` whose layers keep every token (no sliding-window, offloaded or quantized layers). ``needed``:
+    the tokens a ``generate`` call writes into it, which a static cache must have room for (past its end
+    torch's index check fails with no word of the cache)."""
+    if needed is not None and isinstance(cache, Cache) and cache.is_compileable and needed > cache.get_max_length():
+        raise ValueError(
+            f"{CACHE_KWARG}: this static cache has room for {cache.get_max_length()} tokens and this generate writes"
+            f" {needed} (its input_ids and max_new_tokens, less one); pass a cache of max_cache_len >= {needed}: for a"
+            " chat, one StaticCache(config=model.config, max_cache_len=...) sized for every turn, passed to each"
+        )
     if isinstance(cache, (SWAACache, SWAAStaticCache)):
         if cache.ring is not None and cache.rules != rules:
             raise ValueError(

@@ -62,7 +62,7 @@ def prepare_cache_for_generation(model, state, generation_config, model_kwargs: 
         # allocated at its first forward (a chunked prefill may then compile once more)
         compat.set_cache_argument(model_kwargs, SWAAStaticCache(state.rules, cache.get_max_length(), False))
     elif cache is not None:
-        check_cache(cache, state.rules)
+        check_cache(cache, state.rules, needed=generation_config.max_length - 1)
 
 
 def get_candidate_generator(model, state, *args, **kwargs):

@@ -120,6 +120,25 @@ def test_a_cache_that_drops_keys_is_refused():
         generate(model, ids, mask, past_key_values=DynamicCache(config=model.config))
 
 
+@pytest.mark.parametrize("own_cache", [True, False], ids=["swaa_static", "transformers_static"])
+def test_a_second_turn_on_a_static_cache_too_small_for_it_is_refused_with_the_sizes(own_cache):
+    """Turn 1's static cache has room for turn 1 only: turn 2 on it is refused naming both sizes (unpatched,
+    torch's index check fails inside the model). A StaticCache sized for both turns carries on."""
+    from transformers import StaticCache
+
+    model = swaa.patch_model(tiny_model("qwen3"), window=3, sink=1)
+    ids, mask = left_padded([8], total=8, seed=27)
+    cache = None if own_cache else StaticCache(config=model.config, max_cache_len=8 + 4 - 1)
+    first = generate(model, ids, mask, new=4, past_key_values=cache, cache_implementation="static" if own_cache else None)
+    turn2_ids = torch.cat([first.sequences, torch.randint(3, 50, (1, 5))], dim=1)
+    with pytest.raises(ValueError, match=r"room for 11 tokens and this generate writes 22 .* max_cache_len >= 22"):
+        generate(model, turn2_ids, torch.ones_like(turn2_ids), new=NEW, past_key_values=first.past_key_values)
+    roomy = StaticCache(config=model.config, max_cache_len=22)
+    first = generate(model, ids, mask, new=4, past_key_values=roomy)
+    second = generate(model, turn2_ids, torch.ones_like(turn2_ids), new=NEW, past_key_values=first.past_key_values)
+    assert second.sequences.shape[1] == turn2_ids.shape[1] + NEW
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("max_cache_len,chunk", [(8192, None), (8192 + 7, None), (8192 + 7, 5)],
                          ids=["even", "odd", "odd_chunked"])
