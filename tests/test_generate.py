@@ -75,7 +75,9 @@ def test_chunked_prefill_equals_reference(family):
 
 
 def test_reused_cache_second_turn_follows_rules():
-    """Turn 2 on turn 1's cache: its new input (last turn-1 token included) is prompt, its output generated."""
+    """Turn 2 on turn 1's cache: its new input (last turn-1 token included) is prompt, its output generated; the
+    turn-1 answer already in the cache stays generated. A fresh generate on the same text reads all of it as
+    prompt, and differs (docs/rules.md, "A chat's second turn")."""
     model = tiny_model("qwen3")
     ref = reference_model(model)
     fields = dict(window=3, sink=1, interleave=3)
@@ -97,6 +99,11 @@ def test_reused_cache_second_turn_follows_rules():
     expected = reference_logits(ref, second.sequences, full_mask, generated.expand(2, -1), fields)
     for step, step_logits in enumerate(second.logits):
         assert_logits_equal(step_logits, expected[:, turn2_ids.shape[1] - 1 + step])
+    fresh = model.generate(turn2_ids, attention_mask=turn2_mask, max_new_tokens=1, do_sample=False,
+                           output_logits=True, return_dict_in_generate=True)
+    as_prompt = reference_logits(ref, turn2_ids, turn2_mask, torch.zeros_like(turn2_mask, dtype=torch.bool), fields)
+    assert_logits_equal(fresh.logits[0], as_prompt[:, -1])
+    assert (fresh.logits[0] - second.logits[0]).abs().max() > 1e-3
 
 
 def test_left_padded_batch_equals_rows_alone():

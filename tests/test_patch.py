@@ -93,8 +93,15 @@ def test_patching_again_replaces_the_config():
     assert torch.equal(twice, forward_logits(fresh, ids, mask))
     assert model.config.swaa["window"] == 4
     assert len(model.base_model._forward_pre_hooks) == 1  # the first patch's hooks are gone
-    swaa.unpatch_model(model)
-    assert not hasattr(model.config, "swaa")
+    # docs/rules.md, "Patching a patched model": fields alone make the whole new config, nothing carries over;
+    # the current config with one field changed is patch_model(model, swaa.get_config(model), field=...)
+    swaa.patch_model(model, swaa.get_config(model), interleave=2)
+    assert swaa.get_config(model) == swaa.SWAAConfig(window=4, sink=1, interleave=2)
+    swaa.patch_model(model, window=4)
+    assert swaa.get_config(model) == swaa.SWAAConfig(window=4)
+    swaa.unpatch_model(model)  # the original attention, not an earlier config
+    assert not hasattr(model.config, "swaa") and not swaa.is_patched(model)
+    assert torch.equal(forward_logits(model, ids, mask), forward_logits(tiny_model("qwen3"), ids, mask))
 
 
 def test_config_object_dict_and_field_overrides():
