@@ -28,3 +28,7 @@ def __getattr__(name: str):
 
         return getattr(patch, name)
     raise AttributeError(f"module 'swaa' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:  # the lazily imported names too, for dir(swaa) and tab completion
+    return sorted({*globals(), *_PATCH_NAMES})

@@ -259,6 +259,11 @@ def test_import_initialises_no_cuda_and_no_optional_package():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_dir_lists_the_public_api_before_its_first_use():
+    code = "import swaa\nassert set(swaa.__all__) <= set(dir(swaa)), dir(swaa)\n"  # tab completion reads dir()
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_attn_implementation_swaa_alone_says_to_call_patch_model(tmp_path):
     """``from_pretrained(..., attn_implementation="swaa")`` patches nothing: the first forward says what to do
     (swaa registers its name as soon as it is imported beside transformers)."""
