@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import platform
 import statistics
@@ -62,6 +63,16 @@ def _parser() -> argparse.ArgumentParser:
                         " compile_config, mode reduce-overhead)")
     parser.add_argument("--e2e", type=int, nargs=2, default=None, metavar=("PROMPT", "NEW"),
                         help="total generate time for a PROMPT-token prompt and NEW new tokens (e.g. 131072 512)")
+    parser.add_argument("--batched", type=int, nargs=3, default=None, metavar=("PROMPTS", "LENGTH", "NEW"),
+                        help="throughput of a batch job: PROMPTS left-padded prompts of LENGTH/2 to LENGTH tokens, NEW"
+                        " new tokens each, in batches of the largest size that fits (e.g. 32 32768 2048)")
+    parser.add_argument("--batched-paths", nargs="+", default=None, metavar="TEXT",
+                        help="batched paths whose name contains one of these (default: every static + compiled path)")
+    parser.add_argument("--max-batch", type=int, default=None, metavar="B",
+                        help="largest batch the batched rows try (default PROMPTS); each path steps down from it"
+                        " while a batch runs out of GPU memory")
+    parser.add_argument("--check-rows", type=int, default=2, metavar="K",
+                        help="batched rows: K prompts generated again alone (eager, batch 1), their tokens compared")
     parser.add_argument("--profile", metavar="FILE",
                         help="profile one more generate per row: a time-to-first-token row gets its prefill's"
                         " breakdown (GPU time by kernel kind, GPU busy, kernels), a decode or end-to-end row its"
@@ -210,18 +221,24 @@ class Timing(NamedTuple):
     total: float
 
 
-def _timed_generate(model, prompt: torch.Tensor, new_tokens: int, on_token=None, **generate_kwargs) -> Timing:
+def _clocked_generate(model, prompt: torch.Tensor, new_tokens: int, on_token=None,
+                      **generate_kwargs) -> tuple[torch.Tensor, Timing]:
+    """One greedy ``generate`` of exactly ``new_tokens``: (the new tokens, (rows, new_tokens); its Timing)."""
     clock = _TokenClock(on_token)
     if prompt.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock,
-                   **generate_kwargs)
+    output = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                            streamer=clock, **generate_kwargs)
     if prompt.is_cuda:
         torch.cuda.synchronize()
     total = time.perf_counter() - start
     steps = [later - earlier for earlier, later in zip(clock.times[1:], clock.times[2:])] or [0.0]
-    return Timing(clock.times[1] - start, statistics.median(steps), steps[0], total)
+    return output[:, prompt.shape[1]:], Timing(clock.times[1] - start, statistics.median(steps), steps[0], total)
+
+
+def _timed_generate(model, prompt: torch.Tensor, new_tokens: int, on_token=None, **generate_kwargs) -> Timing:
+    return _clocked_generate(model, prompt, new_tokens, on_token, **generate_kwargs)[1]
 
 
 def model_rows(model, lengths: list[int], configs: dict, profile: str | None = None) -> list[dict]:
@@ -441,11 +458,103 @@ def end_to_end_rows(models: dict, length: int, new_tokens: int, paths: dict, pro
     return rows
 
 
-def end_to_end_speedups(rows: list[dict]) -> list[dict]:
-    """Each row with its speed-up over the fastest unpatched path of the same run (none without one)."""
-    unpatched = [row["seconds"] for row in rows if row["path"].startswith("unpatched") and "seconds" in row]
-    return [dict(row, speedup=min(unpatched) / row["seconds"]) if unpatched and "seconds" in row else row
+def end_to_end_speedups(rows: list[dict], rate: str | None = None) -> list[dict]:
+    """Each row with its speed-up over the fastest unpatched path of the same run (none without one): by
+    ``seconds``, or by the ``rate`` column (work per second) where rows did the same work at different sizes."""
+    key = rate or "seconds"
+    unpatched = [row[key] for row in rows if row["path"].startswith("unpatched") and key in row]
+    best = max(unpatched) if rate else min(unpatched or [0])
+    return [dict(row, speedup=(row[key] / best if rate else best / row[key])) if unpatched and key in row else row
             for row in rows]
+
+
+def evaluation_set(model, prompts: int, length: int, seed: int = 0) -> list[torch.Tensor]:
+    """``prompts`` random prompts of ``length // 2`` to ``length`` tokens (the first exactly ``length``), longest
+    first, as evaluation harnesses order them: a batch holds prompts of similar lengths, the first the longest."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(length // 2, length + 1, (prompts,), generator=generator)
+    lengths[0] = length
+    return [torch.randint(1, model.config.vocab_size, (n,), generator=generator)
+            for n in sorted(lengths.tolist(), reverse=True)]
+
+
+def left_padded(prompts: list[torch.Tensor], device) -> dict:
+    """``generate``'s inputs for ``prompts``: input_ids left-padded (with 0) to the longest, attention_mask."""
+    longest = max(len(prompt) for prompt in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt):] = prompt
+    mask = (torch.arange(longest) >= longest - torch.tensor([len(p) for p in prompts])[:, None]).long()
+    return dict(prompt=ids.to(device), attention_mask=mask.to(device), pad_token_id=0)
+
+
+def _forget_compiled_steps(model) -> None:
+    """After a batch ran out of memory: its tensors freed, its compiled step and static cache size forgotten."""
+    gc.collect()
+    torch._dynamo.reset()
+    vars(model).pop("_previous_max_cache_length", None)
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def batched_rows(models: dict, prompts: int, length: int, new_tokens: int, paths: dict, max_batch: int | None = None,
+                 check_rows: int = 2) -> list[dict]:
+    """Throughput of a batch job, per path: ``evaluation_set``'s prompts in consecutive batches, one greedy
+    ``generate`` of ``new_tokens`` each (the paths' static cache, sized ``length + new_tokens + 1``: one decode
+    graph for every batch), at the largest batch that fits: from ``max_batch`` (default ``prompts``) down by a
+    quarter while the first batch (the longest prompts, 2 new tokens: the untimed call that compiles) runs out of
+    GPU memory. The last batch is filled up with the first prompts (a fixed decode shape; their tokens are not
+    counted). ``check_rows`` prompts are generated again alone, eager (dynamic cache, batch 1), and their tokens
+    compared with the batch's: ``matched`` is the length of the common prefix."""
+    rows = []
+    for name, path in paths.items():
+        def measure(model, length, kwargs):
+            dataset = evaluation_set(model, prompts, length)
+            batch, too_large = min(max_batch or prompts, prompts), []
+            while True:
+                out_of_memory = False
+                try:
+                    first_call = _clocked_generate(model, **left_padded(dataset[:batch], model.device),
+                                                   new_tokens=2, **kwargs)[1].total
+                except torch.OutOfMemoryError:
+                    if batch == 1:
+                        raise
+                    out_of_memory = True  # freed outside the handler, whose traceback holds the batch's tensors
+                if not out_of_memory:
+                    break
+                too_large.append(batch)
+                batch -= max(1, batch // 4)
+                _forget_compiled_steps(model)
+            if model.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            tokens, timings, start = [], [], time.perf_counter()
+            for first in range(0, prompts, batch):
+                group = dataset[first:first + batch]
+                new, timing = _clocked_generate(model, **left_padded(group + dataset[:batch - len(group)], model.device),
+                                                new_tokens=new_tokens, **kwargs)
+                tokens += list(new[:len(group)])
+                timings.append(timing)
+            seconds = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated() / 2**30 if model.device.type == "cuda" else float("nan")
+            checks = []
+            for row in sorted({round(i * (prompts - 1) / max(1, check_rows - 1)) for i in range(check_rows)}):
+                alone = _clocked_generate(model, dataset[row][None].to(model.device), new_tokens, pad_token_id=0)[0][0]
+                same = (alone == tokens[row]).long().cumprod(0).sum().item()
+                checks.append(dict(row=row, prompt_tokens=len(dataset[row]), matched=same))
+            tpot = statistics.median(timing.tpot for timing in timings)
+            print(f"  {name:45s} {prompts} x {length} + {new_tokens}: batch {batch} ({len(timings)} batches), {seconds:.1f} s,"
+                  f" {prompts * new_tokens / seconds:.1f} tok/s, peak {peak:.1f} GiB; alone:"
+                  f" {[check['matched'] for check in checks]} of {new_tokens} tokens the same", flush=True)
+            return dict(batch=batch, too_large=too_large, batches=len(timings), seconds=seconds,
+                        tokens_per_s=prompts * new_tokens / seconds, peak_gib=peak, first_call_s=first_call,
+                        prefill_s=sum(timing.ttft for timing in timings), tpot_ms=tpot * 1e3,
+                        decode_tokens_per_s=batch / tpot if tpot else float("nan"),
+                        mean_prompt=sum(map(len, dataset)) / prompts, checks=checks,
+                        same_tokens=f"{sum(check['matched'] for check in checks)}/{len(checks) * new_tokens}")
+
+        rows += _per_path(models, name, path, [length], new_tokens, measure,
+                          dict(path=name, prompts=prompts, new_tokens=new_tokens))
+    return end_to_end_speedups(rows, "tokens_per_s")
 
 
 def _prompt(model, length: int) -> torch.Tensor:
@@ -510,8 +619,8 @@ def speedups(rows: list[dict]) -> list[dict]:
     ratio would measure noise. No memory ratio without GPU peaks."""
     full = {r["length"]: r for r in rows if r["config"] == "full attention (sdpa)"}
     return [dict(config=r["config"], length=r["length"], ttft_speedup=full[r["length"]]["ttft_s"] / r["ttft_s"],
-                 memory_ratio=r["peak_gib"] / full[r["length"]]["peak_gib"])
-            for r in rows if r["length"] in full and r["config"] != "full attention (sdpa)"]
+                 memory_ratio=None if r["peak_gib"] is None else r["peak_gib"] / full[r["length"]]["peak_gib"])
+            for r in rows if r["length"] in full and r["config"] != "full attention (sdpa)" and r["length"] > WINDOW]
 
 
 def plot(ratios: list[dict], path: str, title: str) -> None:
@@ -544,6 +653,10 @@ def _native_sliding_window_model(base, window: int):
     native.tie_weights()
     native.set_attn_implementation("sdpa")
     return native.eval()
+
+
+# the batched rows' default paths: the best unpatched path and the two swaa configs the docs compare
+BATCHED_PATHS = ("unpatched, static", "SWA (no FA decode), static", "interleave 2, static")
 
 
 def _select(paths: dict, wanted: list[str] | None) -> dict:
@@ -589,6 +702,9 @@ def main(argv: list[str] | None = None) -> dict:
                                    args.profile) if paths else []
     result["end_to_end"] = end_to_end_speedups(
         end_to_end_rows(models, *args.e2e, e2e_paths, args.profile, args.new_tokens) if e2e_paths else [])
+    batched_paths = _select(every_path, args.batched_paths or list(BATCHED_PATHS)) if args.batched else {}
+    result["batched"] = batched_rows(models, *args.batched, batched_paths, args.max_batch,
+                                     args.check_rows) if batched_paths else []
     with open(args.out, "w") as file:
         json.dump(result, file, indent=1)
     if args.plot and result["speedups"]:
@@ -597,6 +713,9 @@ def main(argv: list[str] | None = None) -> dict:
              f"{result['gpu']}, {'tiny' if args.smoke else 'Qwen3-4B'}-shaped model ({shape['num_hidden_layers']} layers,"
              f" hidden {shape['hidden_size']}, {shape['num_attention_heads']}/{shape['num_key_value_heads']} heads),"
              f" {str(dtype).removeprefix('torch.')}, window {WINDOW}, sink {SINK}")
+    if args.smoke:
+        print(f"\nSMOKE RUN: a tiny model on the CPU, to check that this script runs; its times say nothing about"
+              f" SWAA's speed, and no ratio is printed where the window ({WINDOW}) covers the prompt")
     print(f"\n{result['gpu']}, torch {result['torch']}, transformers {result['transformers']}, {result['date']}"
           + (f"; every compiled decode step with {args.decode_compile_options}" if args.decode_compile_options else ""))
     if result["kernels"]:
@@ -616,6 +735,10 @@ def main(argv: list[str] | None = None) -> dict:
     if result["end_to_end"]:
         print(markdown_table(["path", "length", "new_tokens", "seconds", "speedup", "ttft_s", "tpot_ms",
                               "first_call_s", "cudagraph_skips", "error"], result["end_to_end"]))
+    if result["batched"]:
+        print(markdown_table(["path", "prompts", "length", "new_tokens", "batch", "batches", "seconds", "tokens_per_s",
+                              "speedup", "prefill_s", "tpot_ms", "decode_tokens_per_s", "peak_gib", "first_call_s",
+                              "same_tokens", "error"], result["batched"]))
     if breakdown := [row for row in [*result["decode"], *result["end_to_end"]] if "gpu_busy_ms" in row]:
         print(markdown_table(["path", "length", "step_wall_ms", "gpu_busy_ms", "host_ms",
                               *[f"{kind}_ms" for kind in [*KERNEL_KINDS, "other"]], "kernels_per_token"], breakdown))
@@ -624,6 +747,3 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
-    if args.smoke:
-        print(f"\nSMOKE RUN: a tiny model on the CPU, to check that this script runs; its times say nothing about"
-              f" SWAA's speed, and no ratio is printed where the window ({WINDOW}) covers the prompt")

@@ -173,3 +173,34 @@ def test_decode_compile_options_that_are_no_json_object_are_refused_by_name(caps
         bench.main(["--smoke", "--decode-compile-options", text])
     error = capsys.readouterr().err
     assert exit.value.code == 2 and "--decode-compile-options" in error and repr(text) in error and says in error
+
+
+def test_batched_rows_step_down_to_a_batch_that_fits_and_keep_one_shape(tmp_path, monkeypatch):
+    """The batched row: a batch that runs out of memory is retried smaller; every timed batch has the same rows
+    (the last one filled up), left-padded prompts of mixed lengths; the throughput counts the real prompts only;
+    rows generated alone give the batch's tokens (float32 on the CPU)."""
+    shapes = []
+    real = bench._clocked_generate
+
+    def small_memory(model, prompt, new_tokens, **kwargs):
+        shapes.append((tuple(prompt.shape), new_tokens, kwargs.get("attention_mask")))
+        if prompt.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, prompt, new_tokens, **kwargs)
+
+    monkeypatch.setattr(bench, "_clocked_generate", small_memory)
+    result = bench.main(["--smoke", "--skip-model", "--out", str(tmp_path / "b.json"), "--batched", "5", "96", "6",
+                         "--max-batch", "4", "--batched-paths", "unpatched, static", "SWA (no FA decode), static"])
+    rows = result["batched"]
+    assert [row["path"] for row in rows] == ["unpatched, static + compiled", "SWA (no FA decode), static + compiled"]
+    for row in rows:
+        assert (row["batch"], row["too_large"], row["batches"]) == (2, [4, 3], 3)
+        assert row["tokens_per_s"] == pytest.approx(5 * 6 / row["seconds"])
+        assert [check["row"] for check in row["checks"]] == [0, 4] and row["same_tokens"] == "12/12"
+    assert rows[0]["speedup"] == 1 and rows[1]["speedup"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
+    timed = [(shape, mask) for shape, new, mask in shapes if new == 6 and shape[0] == 2]
+    assert len(timed) == 6 and all(shape[1] <= 96 for shape, _ in timed)
+    first_mask = timed[0][1]
+    assert first_mask[:, 0].tolist() == [1, 0] and first_mask[1].sum() < 96  # left-padded, mixed lengths
+    lengths = [len(prompt) for prompt in bench.evaluation_set(bench.Qwen3ForCausalLM(bench.Qwen3Config(**bench.TINY)), 5, 96)]
+    assert lengths[0] == 96 and lengths == sorted(lengths, reverse=True) and min(lengths) >= 48
