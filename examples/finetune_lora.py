@@ -45,7 +45,6 @@ if ROOT not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, ROOT)
 
 import swaa  # noqa: E402
-from swaa.config import BACKENDS  # noqa: E402
 
 PROG = "finetune_lora.py"
 USAGE = f"{PROG} [options]"
@@ -93,7 +92,8 @@ class ScriptArguments:
     full_attention_layers: str | None = field(default=None, metadata={
         "help": "SWAA: comma-separated full-attention layers, instead of --interleave"})
     fa_decode: str = field(default="on", metadata={"help": "SWAA: on, off, or a comma-separated list of SWA layers"})
-    backend: str = field(default="auto", metadata={"choices": list(BACKENDS), "help": "SWAA attention backend"})
+    backend: str = field(default="auto", metadata={  # names checked by SWAAConfig: listing them here imports torch
+        "help": "SWAA attention backend: auto (the fastest exact one here) or a backend's name (flash, flex, ...)"})
     lora_r: int = 16
     lora_alpha: float = 32
     rslora: bool = field(default=True, metadata={"help": "rsLoRA scaling (alpha / sqrt(r)); --no_rslora: alpha / r"})
@@ -241,9 +241,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{PROG}: {error}") from None
     torch.manual_seed(training.seed)
     if script.tiny:
+        torch.set_num_threads(1)  # tiny ops: more threads only wait on each other (5x the CPU time on a busy machine)
         tokenizer = tiny_tokenizer()
         model = tiny_model(tokenizer)
         examples = key_value_task(script.num_examples, training.seed)
+        folder = os.path.join(training.output_dir, "base_model")  # the reload hint's base model
+        if state.is_main_process:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
     else:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         if tokenizer.pad_token is None:
@@ -307,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"eval loss: start {start:.4f} -> end {end:.4f} ({result.global_step} steps,"
                   f" perplexity {math.exp(start):.1f} -> {math.exp(end):.1f})")
         print(f"saved the adapter and {os.path.join(output_dir, 'swaa_config.json')}; to reload:\n"
-              f"    base = AutoModelForCausalLM.from_pretrained({script.model or '<the base model>'!r})\n"
+              f"    base = AutoModelForCausalLM.from_pretrained({folder!r})\n"
               f"    model = swaa.train.load_adapter(base, {output_dir!r})  # PeftModel, patched as trained\n"
               f"    merged = model.merge_and_unload()  # still patched; merged.save_pretrained(...) keeps config.swaa")
     if torch.distributed.is_initialized():  # every rank has finished; close the group before the interpreter exits

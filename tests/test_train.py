@@ -274,7 +274,13 @@ def test_finetune_example_tiny_lowers_the_loss_and_saves_adapter_and_config(tmp_
     assert {"adapter_config.json", "adapter_model.safetensors", "swaa_config.json"} <= set(os.listdir(out))
     saved = swaa.SWAAConfig.from_json_file(out / "swaa_config.json")
     assert saved == swaa.SWAAConfig(window=32, sink=2, fa_decode=[1, 3])  # no interleave: --interleave 0
-    assert "swaa.train.load_adapter" in result.stdout
+    # the reload hint it prints can be followed: --tiny saves its base model beside the adapter
+    base_folder = str(out / "base_model")
+    assert f"from_pretrained({base_folder!r})" in result.stdout and "swaa.train.load_adapter" in result.stdout
+    from transformers import AutoModelForCausalLM
+
+    reloaded = swaa.train.load_adapter(AutoModelForCausalLM.from_pretrained(base_folder), str(out))
+    assert swaa.get_config(reloaded) == saved
 
 
 def finetune_script():

@@ -74,7 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny CPU run (< 1 min): checks the pipeline, not the science")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--backend", default="auto", choices=list(swaa.config.BACKENDS), help="swaa attention backend")
+    p.add_argument("--backend", default="auto",  # names checked by SWAAConfig: listing them here imports torch
+                   help="swaa attention backend: auto (the fastest exact one here) or a backend's name (flash, flex, ...)")
 
     m = p.add_argument_group("model (Qwen3 architecture, trained from scratch)")
     m.add_argument("--vocab", type=int, default=512, help="integer vocabulary, special ids included")
@@ -129,6 +130,10 @@ def parse_args(argv=None):
     args.sinks = sorted(int(s) for s in str(args.sinks).split(",") if s.strip())
     if len(args.sinks) != 2:
         p.error(f"--sinks={args.sinks}: give two sink sizes, e.g. 16,64")
+    try:  # at once, not after training
+        swaa.SWAAConfig(window=args.window, backend=args.backend)
+    except ValueError as error:
+        p.error(f"--backend: {error}")
     args.checkpoint = args.checkpoint or os.path.join(args.out, "model")
     return args
 
