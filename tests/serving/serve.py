@@ -1,13 +1,16 @@
-"""One vLLM engine in a process of its own, for tests/serving: greedy generation of token-id prompts.
+"""vLLM engines in a process of their own, for tests/serving: greedy generation of token-id prompts.
 
     python serve.py '{"model": DIR, "llm": {...LLM kwargs...}, "rounds": [[prompt, ...], ...], "new": 24}'
+    python serve.py '[case, case, ...]'     # engines one after another in this process
 
 A round may name earlier outputs: a prompt given as {"answer_of": [round, index], "then": [ids]} is that
-prompt followed by its answer and ``then``. Prints one JSON line: per round, each request's tokens, their
-log-probs and cached tokens; and the engine's preemptions (on the line that starts with "serve.py result: ")."""
+prompt followed by its answer and ``then``. Prints one JSON line per case: per round, each request's tokens, their
+log-probs and cached tokens; and the engine's preemptions; or, where the engine failed to start, the exception's
+type and text as the user sees them (on lines that start with "serve.py result: ")."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -17,11 +20,20 @@ RESULT = "serve.py result: "  # vLLM logs to stdout too
 
 
 def main() -> None:
+    cases = json.loads(sys.argv[1])
+    for case in cases if isinstance(cases, list) else [cases]:
+        print(RESULT + json.dumps(serve(case)), flush=True)
+        gc.collect()
+
+
+def serve(case: dict) -> dict:
     from vllm import LLM, SamplingParams
 
-    case = json.loads(sys.argv[1])
     settings = dict(dtype="float32", enforce_eager=True, max_model_len=512, seed=0, disable_log_stats=False)
-    llm = LLM(model=case["model"], **{**settings, **case.get("llm", {})})
+    try:
+        llm = LLM(model=case["model"], **{**settings, **case.get("llm", {})})
+    except Exception as error:  # noqa: BLE001 - the refusal tests read what the user would see
+        return dict(error=f"{type(error).__name__}: {error}")
     params = SamplingParams(temperature=0.0, max_tokens=case.get("new", 24), logprobs=0, ignore_eos=True)
     rounds = []
     for prompts in case["rounds"]:
@@ -31,7 +43,9 @@ def main() -> None:
                             logprobs=[lp[t].logprob for lp, t in zip(r.outputs[0].logprobs, r.outputs[0].token_ids)])
                        for p, r in zip(prompts, results)])
     preemptions = sum(getattr(m, "value", 0) for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
-    print(RESULT + json.dumps(dict(rounds=rounds, preemptions=preemptions)), flush=True)
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    return dict(rounds=rounds, preemptions=preemptions)
 
 
 def _follow_up(rounds, spec) -> list[int]:

@@ -69,13 +69,46 @@ def models(tmp_path_factory) -> dict[str, str]:
     return {name: _model(root / name, config) for name, config in [("plain", None), *SWAA_CONFIGS.items()]}
 
 
-def serve(model: str, rounds: list, llm: dict | None = None, new: int = NEW, env: dict | None = None) -> dict:
-    case = dict(model=model, llm=llm or {}, rounds=rounds, new=new)
-    done = subprocess.run([sys.executable, str(SERVE), json.dumps(case)], capture_output=True, text=True, timeout=600,
+def _refused_models(folder: Path) -> dict[str, str]:
+    """Checkpoints with config.swaa whose attention vLLM would run outside swaa's rule: DeepSeek-V2 (MLA, which
+    swaa.patch_model serves exactly) and Mistral with a native sliding window (config.swaa written by hand)."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, MistralConfig, MistralForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    mla = DeepseekV2ForCausalLM(DeepseekV2Config(**common, num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=None,
+                                                 qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+                                                 first_k_dense_replace=2, n_routed_experts=4, num_experts_per_tok=2,
+                                                 moe_intermediate_size=64))
+    swaa.patch_model(mla, **SWAA_CONFIGS["fa_decode"])
+    window = MistralForCausalLM(MistralConfig(**common, num_key_value_heads=2, head_dim=32, sliding_window=16))
+    window.config.swaa = swaa.SWAAConfig(**SWAA_CONFIGS["fa_decode"]).to_dict()
+    paths = {}
+    for name, model in (("mla", mla), ("native_window", window)):
+        model.save_pretrained(folder / name)
+        tokenizer.save_pretrained(folder / name)
+        paths[name] = str(folder / name)
+    return paths
+
+
+def case(model: str, rounds: list, llm: dict | None = None, new: int = NEW) -> dict:
+    return dict(model=model, llm=llm or {}, rounds=rounds, new=new)
+
+
+def serve_cases(cases: list[dict], env: dict | None = None) -> list[dict]:
+    """The cases' engines one after another in one process of their own (serve.py)."""
+    done = subprocess.run([sys.executable, str(SERVE), json.dumps(cases)], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
     assert done.returncode == 0, done.stderr[-4000:]
-    line = next(line for line in done.stdout.splitlines() if line.startswith(RESULT))
-    return json.loads(line.removeprefix(RESULT))
+    return [json.loads(line.removeprefix(RESULT)) for line in done.stdout.splitlines() if line.startswith(RESULT)]
+
+
+def serve(model: str, rounds: list, llm: dict | None = None, new: int = NEW, env: dict | None = None) -> dict:
+    served = serve_cases([case(model, rounds, llm, new)], env)[0]
+    assert "error" not in served, served["error"]
+    return served
 
 
 @functools.cache
@@ -180,3 +213,97 @@ def test_off_the_cpu_build_a_swaa_checkpoint_is_refused(models, monkeypatch):
     monkeypatch.setattr(vllm_adapter, "current_platform", GPU)
     with pytest.raises(ValueError, match="serves its rule on vLLM's CPU build only"):
         args.create_engine_config()
+
+
+def test_layers_vllm_attends_outside_swaa_are_refused_in_the_users_exception(tmp_path):
+    """MLA layers (vLLM's own MLA backend: not one layer runs swaa's attention) and a native sliding window are
+    refused while the engine is built, in a worker; the user's exception says why, not only the worker's log."""
+    paths = _refused_models(tmp_path)
+    mla, window = serve_cases([case(paths["mla"], [BASIC]), case(paths["native_window"], [BASIC])])
+    assert mla["error"].startswith("ValueError: this checkpoint's config has swaa for 2 layers"), mla
+    assert "MLAAttention" in mla["error"]
+    assert window["error"].startswith("ValueError: this checkpoint's config has swaa, and vLLM builds its attention"
+                                      " with a native sliding window"), window
+
+
+@pytest.mark.parametrize("feature", ["alibi_slopes", "logits_soft_cap", "sinks"])
+def test_attention_features_swaa_cannot_carry_are_refused(models, feature):
+    """vLLM's CPU attention takes alibi, soft-capping and learned sinks, which swaa's attention would drop."""
+    from vllm.config import set_current_vllm_config
+    from vllm.engine.arg_utils import EngineArgs
+
+    from swaa.serving.vllm_adapter import SWAACPUImpl
+
+    config = EngineArgs(model=models["fa_decode"], dtype="float32", enforce_eager=True,
+                        max_model_len=512).create_engine_config()
+    value = {"alibi_slopes": [0.5] * 4, "logits_soft_cap": 30.0, "sinks": torch.zeros(4)}[feature]
+    arguments = dict(num_heads=4, head_size=32, scale=1.0, num_kv_heads=2, alibi_slopes=None, sliding_window=None,
+                     kv_cache_dtype="auto")
+    with set_current_vllm_config(config):
+        SWAACPUImpl(**arguments)  # without the feature: accepted
+        with pytest.raises(ValueError, match="which swaa's rule does not carry"):
+            SWAACPUImpl(**{**arguments, feature: value})
+
+
+def test_prompt_lengths_do_not_turn_on_a_models_own_rswa_layers(models):
+    """vLLM hands prompt lengths to attention when rswa_window is set; some model classes (deepseek_v2) build R-SWA
+    layers, which free KV blocks, from hf_config.rswa_window: the plugin sets it on the architecture config only."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    config = EngineArgs(model=models["fa_decode"], dtype="float32", enforce_eager=True,
+                        max_model_len=512).create_engine_config()
+    assert config.model_config.rswa_window is not None
+    assert getattr(config.model_config.hf_config, "rswa_window", None) is None
+
+
+def test_in_process_engines_choose_block_hashing_from_their_own_config(models):
+    """Engines in the front end's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the FA-decode engine with prefix
+    caching hashes its answers' blocks apart (exact follow-up), and a plain engine started after it in the same
+    process reuses an earlier answer's blocks as plain vLLM does."""
+    llm = dict(block_size=32)
+    swaa_served, plain_after, plain_alone = serve_cases(
+        [case(models["fa_decode"], [BASIC, [FOLLOW_UP]], llm, new=40),
+         case(models["plain"], [BASIC, [FOLLOW_UP]], llm, new=40)], env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}) + [
+        serve(models["plain"], [BASIC, [FOLLOW_UP]], llm, new=40, env={"VLLM_PLUGINS": "none"})]
+    assert_served_as_generate(models["fa_decode"], swaa_served, new=40)
+    assert swaa_served["rounds"][1][0]["cached"] == 64  # the prompt's blocks, not the answer's
+    tokens_and_hits = [[(r["tokens"], r["cached"]) for r in requests] for requests in plain_alone["rounds"]]
+    assert [[(r["tokens"], r["cached"]) for r in requests] for requests in plain_after["rounds"]] == tokens_and_hits
+    assert plain_after["rounds"][1][0]["cached"] == 96  # the answer's blocks reused (log-probs: threads differ)
+
+
+VERSION_MISMATCH = """
+import json, logging, sys
+import vllm
+from vllm.engine.arg_utils import EngineArgs
+vllm.__version__ = "0.99.0"  # a vLLM the adapter was not written for
+records = []
+logging.getLogger("swaa").addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: records.append(r)})())
+from swaa.serving import vllm_plugin
+vllm_plugin.register()
+vllm_plugin.register()  # vLLM may load plugins again
+settings = dict(dtype="float32", enforce_eager=True, max_model_len=512)
+plain = EngineArgs(model=sys.argv[1], **settings).create_engine_config()
+try:
+    EngineArgs(model=sys.argv[2], **settings).create_engine_config()
+    refusal = None
+except ValueError as error:
+    refusal = str(error)
+print(json.dumps(dict(warnings=[r.getMessage() for r in records], plain=plain.model_config.architecture,
+                      refusal=refusal)))
+"""
+
+
+def test_another_vllm_version_leaves_plain_models_to_vllm_and_refuses_swaa_checkpoints(models):
+    """The entry point never breaks vLLM: on a version the adapter was not written for, one logged line, nothing
+    installed for plain checkpoints, and a swaa checkpoint refused naming the supported versions."""
+    from swaa.serving.vllm_plugin import SUPPORTED_VLLM
+
+    done = subprocess.run([sys.executable, "-c", VERSION_MISMATCH, models["plain"], models["fa_decode"]],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "VLLM_PLUGINS": "none"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(result["warnings"]) == 1 and "vLLM 0.99.0 is installed" in result["warnings"][0]
+    assert result["plain"] == "Qwen3ForCausalLM"
+    assert result["refusal"] and f"vLLM {SUPPORTED_VLLM[0]}" in result["refusal"]
