@@ -26,6 +26,7 @@ def test_quickstart_notebook_runs_and_writes_nothing_into_the_source_tree(monkey
     assert after == before, f"the notebook wrote {sorted(set(after) - set(before))} into examples/"
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
     assert not [output for output in outputs if output.get("output_type") == "error"]
+    assert not [output for output in outputs if output.get("name") == "stderr" and "Warning" in output["text"]]
     text = "".join(output.get("text", "") for output in outputs)
     assert "| full attention |" in text and "| SWA 64 + FA decode + sink 4 + full 1::2 |" in text
     folder = Path(next(line for line in text.splitlines() if line.startswith("files in ")).split()[2].rstrip(":"))
