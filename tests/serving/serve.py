@@ -5,7 +5,7 @@
 
 A round may name earlier outputs: a prompt given as {"answer_of": [round, index], "then": [ids]} is that
 prompt followed by its answer and ``then``. Prints one JSON line per case: per round, each request's tokens, their
-log-probs and cached tokens; and the engine's preemptions; or, where the engine failed to start, the exception's
+log-probs and cached tokens; the engine's preemptions, dtype and whether it compiles; or, where the engine failed to start, the exception's
 type and text as the user sees them (on lines that start with "serve.py result: ")."""
 
 from __future__ import annotations
@@ -43,9 +43,11 @@ def serve(case: dict) -> dict:
                             logprobs=[lp[t].logprob for lp, t in zip(r.outputs[0].logprobs, r.outputs[0].token_ids)])
                        for p, r in zip(prompts, results)])
     preemptions = sum(getattr(m, "value", 0) for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    model_config = llm.llm_engine.model_config
     llm.llm_engine.engine_core.shutdown()
     del llm
-    return dict(rounds=rounds, preemptions=preemptions)
+    return dict(rounds=rounds, preemptions=preemptions, dtype=str(model_config.dtype),
+                compiled=not model_config.enforce_eager)
 
 
 def _follow_up(rounds, spec) -> list[int]:

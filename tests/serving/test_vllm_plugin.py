@@ -307,3 +307,35 @@ def test_another_vllm_version_leaves_plain_models_to_vllm_and_refuses_swaa_check
     assert len(result["warnings"]) == 1 and "vLLM 0.99.0 is installed" in result["warnings"][0]
     assert result["plain"] == "Qwen3ForCausalLM"
     assert result["refusal"] and f"vLLM {SUPPORTED_VLLM[0]}" in result["refusal"]
+
+
+def teacher_forced_logprobs(model_dir: str, prompt: list[int], tokens: list[int], dtype) -> torch.Tensor:
+    """Log-probs of ``tokens`` after ``prompt`` from one forward of the patched checkpoint at ``dtype`` (the answer
+    placed by prompt_len: its tokens attend as generated ones), in float64."""
+    from transformers import AutoModelForCausalLM
+
+    model = swaa.patch_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval())
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logits = model(ids, prompt_len=torch.tensor([len(prompt)])).logits[0, len(prompt) - 1 : -1].double()
+    return logits.log_softmax(-1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+def test_the_default_engine_bf16_compiled_is_as_close_as_plain_attention_at_bf16(models):
+    """``LLM(path)`` with vLLM's defaults runs bf16 and compiled on the CPU build, where exactness is not the claim:
+    its log-probs' error against the float64 rule is at most twice that of the same checkpoint patched in
+    transformers at bf16 (the GPU tests' tolerance rule), over the tokens the engine generated."""
+    served = serve_cases([case(models["fa_decode"], [BASIC], dict(dtype="auto", enforce_eager=False,
+                                                                    max_model_len=1024))])[0]
+    assert served.get("dtype") == "torch.bfloat16" and served["compiled"], served.get("error")
+    errors = {"served": [], "bf16": []}
+    exact = []
+    for request in served["rounds"][0]:
+        expected = teacher_forced_logprobs(models["fa_decode"], request["prompt"], request["tokens"], torch.float64)
+        exact.append(expected)
+        errors["served"].append(torch.tensor(request["logprobs"], dtype=torch.float64) - expected)
+        errors["bf16"].append(teacher_forced_logprobs(models["fa_decode"], request["prompt"], request["tokens"],
+                                                      torch.bfloat16) - expected)
+    norm = torch.cat(exact).norm()
+    served_error, bf16_error = (torch.cat(errors[k]).norm() / norm for k in ("served", "bf16"))
+    assert served_error <= 2 * bf16_error + 1e-3, (served_error, bf16_error)
