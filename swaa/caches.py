@@ -12,10 +12,12 @@ every key holds ``max_cache_len`` slots.
 
 Sinks are the first ``sink`` *real* tokens of each row, so under left padding the slot a token goes to
 depends on its position: ``RingSlots`` keeps the position held by every slot (``-1``: empty), shared by the
-cache's ring layers (they all have the config's one window and sink). Before each forward the patch hands
-the cache the forward's plan (``begin_forward``); the ring works out, with tensor operations only (no host
-sync, fixed shapes), which slot each incoming key goes to, and returns the positions of the keys its layers
-hand attention (held + incoming), which the plan keeps for those layers.
+cache's ring layers (they all have the config's one window and sink). Each forward, in this order:
+``plan_forward`` reads what the ring will hand its layers before the incoming keys (``held_positions``,
+which changes nothing) and builds the plan; then the cache reads the finished plan (``begin_forward``) and
+works out, with tensor operations only (no host sync, fixed shapes), which slot each incoming key goes to.
+The cache never writes into a plan. One forward per cache at a time: between ``held_positions`` and the
+layers' updates the ring holds this forward's state (``write_index``, ``handed``, ``pending``).
 """
 
 from __future__ import annotations
@@ -139,11 +141,21 @@ class RingSlots:
         if self.static and not torch.compiler.is_compiling():
             torch._dynamo.mark_static_address(self.positions)
 
-    def begin_forward(self, plan: Plan, layers: set[int]) -> torch.Tensor:
-        """Work out where each incoming key goes; return the positions (batch, handed + q_len) of the keys the
-        ring layers hand attention: the held ones, then the incoming ones. A fresh ring hands only the incoming
-        keys (its empty slots would shift every key off FlexAttention's 128-key blocks and cost a copy of every
-        key); a compiled decode step never sees a fresh ring, so its shapes stay fixed."""
+    def held_positions(self, q_len: int) -> torch.Tensor | None:
+        """Before a forward of ``q_len`` new tokens per row, read by ``plan_forward``: the positions
+        (batch, slots) of the held keys the ring layers hand attention before the incoming ones (empty slots
+        -1; a dynamic ring that grows for this forward hands its new empty slots too), or None from a fresh
+        ring, which hands only the incoming keys (its empty slots would shift every key off FlexAttention's
+        128-key blocks and cost a copy of every key; a compiled decode step never sees a fresh ring, so its
+        shapes stay fixed). Changes nothing."""
+        if self.fresh:
+            return None
+        held, slots = self.positions[:, : self.slots], self._slots_after(q_len)
+        return torch.nn.functional.pad(held, (0, slots - self.slots), value=-1) if slots > self.slots else held
+
+    def begin_forward(self, plan: Plan, layers: set[int]) -> None:
+        """After the forward's plan is built (from ``held_positions``): work out where each incoming key goes
+        and note the incoming positions. Reads the plan, writes nothing into it."""
         if plan.query_seq is not None:
             raise ValueError(
                 "swaa's bounded KV cache cannot hold packed sequences (positions restart inside a row); run packed"
@@ -161,18 +173,23 @@ class RingSlots:
         later = (incoming >= 0) & still_visible(self.rule, incoming, last + 1)
         slot = ring_slot(self.rule, incoming, self.slots)
         self.write_index = torch.where(later, slot, self.slots)
-        key_pos = _held_then_incoming(self.positions[:, : self.handed], incoming, dim=-1)
         self.positions.scatter_(1, self.write_index, incoming)
         self.pending = set(layers)
-        return key_pos
+
+    def _slots_after(self, q_len: int) -> int:
+        """Slots once ``q_len`` more tokens come: a dynamic ring doubles (never past ``capacity``) while the
+        context is shorter than the capacity."""
+        needed = min(self.capacity, self.seen + q_len)
+        if self.static or needed <= self.slots:
+            return self.slots
+        return min(self.capacity, max(needed, 2 * self.slots))
 
     def _grow(self, q_len: int, incoming: torch.Tensor) -> None:
         """A dynamic ring: make room for ``q_len`` more tokens while the context is shorter than the capacity."""
+        slots = self._slots_after(q_len)
         self.seen += q_len
-        needed = min(self.capacity, self.seen)
-        if needed <= self.slots:
+        if slots == self.slots:
             return
-        slots = min(self.capacity, max(needed, 2 * self.slots))
         if self.positions is not None:
             grown = torch.full((self.positions.shape[0], slots + 1), -1, dtype=torch.long, device=incoming.device)
             grown[:, : self.slots] = self.positions[:, : self.slots]
@@ -328,15 +345,18 @@ class _SWAACacheMixin:
         return [RingLayer(self.ring, index, max_cache_len) if self.ring and forgets_old_keys(r) else other()
                 for index, r in enumerate(self.rules)]
 
-    def begin_forward(self, plan: Plan) -> Plan:
-        """Before each forward of the patched model: the plan, with the keys its ring layers hand attention."""
-        if self.ring is None:
-            return plan
-        rings = {layer.layer_idx for layer in self.layers if isinstance(layer, RingLayer)}
-        key_pos = self.ring.begin_forward(plan, rings)
-        if not self.ring.handed and plan.kv_len == key_pos.shape[1]:
-            return plan  # a fresh ring hands the forward's own keys: its layers attend as the others
-        return plan.with_ring(key_pos, frozenset(rings))
+    def ring_layers(self) -> frozenset:
+        """The layers whose keys a ring holds (none without a ring)."""
+        return frozenset(layer.layer_idx for layer in self.layers if isinstance(layer, RingLayer))
+
+    def held_positions(self, q_len: int) -> torch.Tensor | None:
+        """What ``plan_forward`` reads of the ring before a forward: ``RingSlots.held_positions``."""
+        return None if self.ring is None else self.ring.held_positions(q_len)
+
+    def begin_forward(self, plan: Plan) -> None:
+        """After the forward's plan is built: the ring notes where this forward's keys go."""
+        if self.ring is not None:
+            self.ring.begin_forward(plan, self.ring_layers())
 
     def stored_lengths(self) -> list[int]:
         """Key slots each layer holds (ring layers: at most sinks + window - 1): what the memory benchmark reads."""

@@ -14,6 +14,18 @@ slot index. Whether a query is generated comes from exactly one entry path:
 - a bare forward with neither: one query onto a non-empty cache is generated, anything else is prompt.
 
 An input from which the plan cannot be told exactly raises ``ValueError`` saying what to pass instead.
+
+Invariants (one author):
+
+- ``plan_forward`` alone builds a forward's plan, from explicit inputs; what the cache knows is one of them
+  (a bounded cache's ring layers and the positions of the keys they hold: ``caches.RingSlots.held_positions``,
+  read before the forward and changing nothing).
+- It writes into none of its inputs, and nothing writes into a plan once it is built: the cache
+  (``begin_forward``), the attention call and the backends only read it. The one exception is ``Plan.memo``,
+  a per-forward store of values derived from the plan alone (a block mask, FA2's call lists, the answers of
+  ``plain`` and ``any_generated``), filled on first use.
+- One forward per cache at a time: from planning to the last layer's update, a bounded cache's ring holds
+  that forward's state (which slot each incoming key goes to).
 """
 
 from __future__ import annotations
@@ -30,13 +42,18 @@ PROMPT_LEN_KWARG = "prompt_len"
 
 class Prefill:
     """``GENERATE_KWARG`` while ``generate`` reads its prompt: every token of these forwards is a prompt token
-    (chunks, a reused prefix and extra leading tokens such as peft's virtual tokens included). The decoder
-    notes the slots read so far in ``slots``, which is where generated tokens start once the prefill ends."""
+    (chunks, a reused prefix and extra leading tokens such as peft's virtual tokens included). ``plan_forward``
+    only asks whether it is one. ``slots``: a forward without a cache notes there, through ``note_slots``
+    (the patch's hook, after planning), how many slots it read: where generated tokens start once the prefill
+    ends (``generate`` reads it back; the decoder alone sees leading tokens added on the way)."""
 
     __slots__ = ("slots",)
 
     def __init__(self):
         self.slots = 0
+
+    def note_slots(self, slots: int) -> None:
+        self.slots = slots
 
 
 @dataclass
@@ -191,6 +208,8 @@ def plan_forward(
     prompt_len: torch.Tensor | int | None = None,
     from_embeddings: bool = False,
     static_cache: bool = False,
+    ring_layers: frozenset = frozenset(),
+    ring_held: torch.Tensor | None = None,
 ) -> Plan:
     """The plan of one forward of ``q_len`` new tokens per row onto ``past_len`` cached ones.
 
@@ -200,6 +219,9 @@ def plan_forward(
     and labels may then cover only the answer, for the loss); none of them: the bare-forward rule. ``from_embeddings``: the tokens came as ``inputs_embeds``, which may hold leading tokens
     the caller never saw (peft's virtual tokens), so a ``prompt_len`` counted by the caller cannot be trusted.
     ``static_cache``: the layers get every slot of a static cache, written or not (``Plan.unwritten_tail``).
+    ``ring_layers``, ``ring_held``: what a bounded cache knows before the forward: its ring layers, and the
+    positions (batch, n) of the held keys they hand attention before the incoming ones (None from a fresh ring,
+    which hands only the incoming keys; ``caches.RingSlots.held_positions``).
     """
     if generate is not None and prompt_len is not None:
         raise ValueError("prompt_len inside generate: generate itself says where the prompt ends; drop prompt_len")
@@ -212,8 +234,6 @@ def plan_forward(
 
     may_be_generated = None
     if isinstance(generate, Prefill):
-        if isinstance(past_len, int):  # read only without a cache (a static cache's length is a tensor)
-            generate.slots = past_len + q_len
         generated, may_be_generated = torch.zeros_like(query_pos, dtype=torch.bool), False
     elif generate is not None:
         generated = cache_index >= torch.as_tensor(generate, device=device).reshape(-1, 1)
@@ -236,8 +256,12 @@ def plan_forward(
         generated = (cache_index > 0).expand(batch_size, -1)
     else:
         generated, may_be_generated = torch.zeros_like(query_pos, dtype=torch.bool), False
-    return Plan(query_pos, keys.pos, generated & (query_pos >= 0), query_seq, keys.seq, keys.positions_are_indices,
+    plan = Plan(query_pos, keys.pos, generated & (query_pos >= 0), query_seq, keys.seq, keys.positions_are_indices,
                 may_be_generated, unwritten_tail=static_cache)
+    if not ring_layers or (ring_held is None and plan.kv_len == q_len):
+        return plan  # a fresh ring hands the forward's own keys: its layers attend as the others
+    ring_keys = query_pos if ring_held is None else torch.cat([ring_held, query_pos], dim=-1)
+    return plan.with_ring(ring_keys, ring_layers)
 
 
 def _key_positions(batch_size, q_len, past_len, device, key_slots, attention_mask, position_ids) -> _Keys:

@@ -5,8 +5,8 @@ are that predicate. The coarser questions the fast paths and the caches ask are 
 the same two quantities (``window_start`` and ``rule.sink``): does a query see its whole prefix
 (``sees_whole_prefix``; for a whole forward, ``Plan.sees_every_key``), does a generated token see more than a
 prompt token (``decodes_differently``; for a whole forward, ``Plan.generated_matters``), does a span of keys
-lie wholly in reach (``keys_in_reach``), may a layer forget old keys (``forgets_old_keys``), which keys must it keep (``kept_keys``, ``still_visible``, ``ring_slot``), how
-many pairs a prompt keeps (``visible_pairs``). No other module does window or sink arithmetic. See
+lie wholly in reach (``keys_in_reach``), may a layer forget old keys (``forgets_old_keys``), which keys must
+it keep (``kept_keys``, ``still_visible``, ``ring_slot``), how many pairs a prompt keeps (``visible_pairs``). No other module does window or sink arithmetic. See
 ``docs/rules.md`` for the rule table.
 """
 
