@@ -144,7 +144,9 @@ def takes(backend, case: Case, expected: torch.Tensor) -> bool:
     judged from the case and its expected mask alone: sdpa, the calls that need no mask (keys at their indices,
     each query seeing every key up to its own), of one query per row or of a full-attention layer's prompt with
     no cache (a windowed layer's prompt is refused even where its window covers it); every other backend, every
-    kernel case."""
+    kernel case, but windowed its packed ones (it takes one sequence per row)."""
+    if backend.name == "windowed":
+        return not case.packed
     if backend.name != "sdpa":
         return True
     q_len, kv_len = expected.shape[-2:]

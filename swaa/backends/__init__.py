@@ -39,6 +39,7 @@ _MODULES = (  # one line per backend module; the records give the order
     "sdpa",
     "flex",
     "flash",
+    "windowed",
     "reference",
 )
 
