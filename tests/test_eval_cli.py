@@ -73,6 +73,7 @@ def test_without_configs_the_recommended_config_runs_beside_full_attention_and_s
     assert rows == ["full attention", "SWA 2048 + FA decode + sink 100 + full 1::2"]
     # a window longer than every prompt attends as full attention does: the run says so
     assert "window 2048 covers every token of these prompts" in caplog.text
+    assert "on a CPU the time column compares" in caplog.text  # SWAA rows may be slower there: it says why
 
 
 def test_cli_bad_input_is_a_clear_error(model_dir, tmp_path, capsys):

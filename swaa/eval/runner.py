@@ -257,6 +257,9 @@ def run_grid(model, tokenizer, dataset, configs, output_dir: str | os.PathLike |
                          " attention baseline is the original model")
     prepared = _prepare(examples, tokenizer, chat_template, system, template_kwargs, min_tokens, max_tokens)
     generate_kwargs = {"max_new_tokens": max_new_tokens, **(generate_kwargs or {})}
+    if model.device.type == "cpu" and len(grid) > 1:
+        logger.warning("on a CPU the time column compares swaa's CPU attention with PyTorch's full-attention kernel,"
+                       " not the GPU kernels the speed-ups are measured with (README: Cost on a CPU)")
     longest = max(len(item.ids) for item in prepared)
     for config in grid[1:]:
         if covers_every_key(config, longest, max_new_tokens):
