@@ -328,11 +328,11 @@ def test_cache_memory_benchmark_smoke(tmp_path):
 
 def test_a_meta_device_model_runs_with_the_bounded_cache():
     """Shape-only runs (meta tensors) have no values to look at: the ring never needs any."""
-    from tiny import _COMMON
+    from tiny import TINY_CONFIG
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     with torch.device("meta"):
-        model = Qwen3ForCausalLM(Qwen3Config(**{**_COMMON, "head_dim": 8})).eval()
+        model = Qwen3ForCausalLM(Qwen3Config(**{**TINY_CONFIG, "head_dim": 8})).eval()
     swaa.patch_model(model, window=3, sink=1, fa_decode=False)
     ids = torch.randint(1, 50, (2, 9)).to("meta")
     out = model(ids)
@@ -343,7 +343,7 @@ def test_a_meta_device_model_runs_with_the_bounded_cache():
 def test_a_decoder_that_takes_its_cache_under_the_old_name_gets_swaas_cache():
     """transformers 5.24 renamed the forward's ``past_key_values`` to ``cache``; a decoder written against the
     old name (remote code) still receives swaa's bounded cache, under the name it takes."""
-    from tiny import _COMMON
+    from tiny import TINY_CONFIG
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
     from swaa.compat import CACHE_KWARG
@@ -355,7 +355,7 @@ def test_a_decoder_that_takes_its_cache_under_the_old_name_gets_swaas_cache():
                                    use_cache=use_cache, **{CACHE_KWARG: past_key_values}, **kwargs)
 
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(**{**_COMMON, "head_dim": 8})).double().eval()
+    model = Qwen3ForCausalLM(Qwen3Config(**{**TINY_CONFIG, "head_dim": 8})).double().eval()
     old = OldNameModel(model.config).double().eval()
     old.load_state_dict(model.model.state_dict())
     model.model = old

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from tiny import chat_model, chat_tokenizer
 from tokenizers import processors
 
 from swaa.data import fill_context, format_prompt, load_examples, prompt_ids
 from swaa.eval.data import to_examples
 from swaa.eval.runner import _prepare
-from swaa.tiny import tiny_model, tiny_tokenizer
 from swaa.train import PromptAnswerCollator, self_distill
 
 RECORDS = [
@@ -79,11 +79,11 @@ def test_bad_sources_say_what_is_allowed(tmp_path, source, message):
 
 
 def test_chat_template_when_the_tokenizer_has_one_raw_text_otherwise():
-    tokenizer = tiny_tokenizer()
+    tokenizer = chat_tokenizer()
     assert format_prompt(tokenizer, "Hi") == "<|user|>Hi\n<|assistant|>"
     assert format_prompt(tokenizer, "Hi", system="Be brief.") == "<|system|>Be brief.\n<|user|>Hi\n<|assistant|>"
     assert format_prompt(tokenizer, "Hi", chat_template=False) == "Hi"
-    plain = tiny_tokenizer(chat_template=False)
+    plain = chat_tokenizer(chat_template=False)
     assert format_prompt(plain, "Hi") == "Hi" and format_prompt(plain, "Hi", system="S") == "S\n\nHi"
     with pytest.raises(ValueError, match="chat_template=True: this tokenizer has no chat template"):
         format_prompt(plain, "Hi", chat_template=True)
@@ -93,13 +93,13 @@ def test_chat_template_when_the_tokenizer_has_one_raw_text_otherwise():
 
 
 def test_template_kwargs_reach_the_template():
-    tokenizer = tiny_tokenizer()
+    tokenizer = chat_tokenizer()
     tokenizer.chat_template = "{% if flag %}FLAG {% endif %}{{ messages[0]['content'] }}"
     assert format_prompt(tokenizer, "Hi", template_kwargs={"flag": True}) == "FLAG Hi"
 
 
 def test_prompt_ids_fill_the_context_and_add_special_tokens_to_raw_text_only():
-    tokenizer = tiny_tokenizer()
+    tokenizer = chat_tokenizer()
     assert fill_context("Q {context}?", "doc") == "Q doc?" and fill_context("Q?", "doc") == "Q?"
     ids = prompt_ids(tokenizer, "a{context}", context="b")
     assert tokenizer.convert_ids_to_tokens(ids) == ["<|user|>", "a", "b", "Ċ", "<|assistant|>"]
@@ -113,7 +113,7 @@ def test_prompt_ids_fill_the_context_and_add_special_tokens_to_raw_text_only():
 def test_training_and_evaluation_build_the_same_prompt(tmp_path):
     """The collator's prompt (labels -100), self-distillation's prompt and the eval grid's prompt are the same
     token ids, chat template, system prompt and ``{context}`` included."""
-    tokenizer = tiny_tokenizer()
+    tokenizer = chat_tokenizer()
     record = {"prompt": "Find it: {context}", "context": "it is here", "answer": "here"}
     expected = prompt_ids(tokenizer, record["prompt"], context=record["context"], system="Be brief.")
     collated = PromptAnswerCollator(tokenizer, system="Be brief.").encode(record)
@@ -127,7 +127,7 @@ def test_training_and_evaluation_build_the_same_prompt(tmp_path):
         seen.append(input_ids[0][attention_mask[0].bool()].tolist())
         return torch.cat([input_ids, input_ids[:, :1]], 1)
 
-    teacher = tiny_model(tokenizer)
+    teacher = chat_model(tokenizer)
     teacher.generate = generate
     self_distill(teacher, tokenizer, [record], system="Be brief.", max_new_tokens=1)
     assert seen == [expected]

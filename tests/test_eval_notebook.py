@@ -6,16 +6,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
+import nbclient  # the [test] extra installs it, with nbformat and ipykernel
+import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
 def test_quickstart_notebook_runs_and_writes_nothing_into_the_source_tree(monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     notebook = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)

@@ -7,19 +7,14 @@ import json
 
 import pytest
 import torch
+from tiny import chat_model, chat_tokenizer
 
 import swaa
 from swaa import SWAAConfig
 from swaa.config import load_config_list
 from swaa.eval import FULL_ATTENTION, config_name, run_grid, synthetic_dataset
-from swaa.tiny import tiny_model, tiny_tokenizer
 
 CONFIGS = [{"window": 24, "sink": 4}, {"window": 24, "interleave": 2, "fa_decode": False}]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +25,7 @@ def dataset(tokenizer):
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory, tokenizer, dataset):
     """One grid run shared by the tests below; the model's logits and outputs before it, for comparison."""
-    model = tiny_model(tokenizer)
+    model = chat_model(tokenizer)
     probe = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
     before_logits = model(probe).logits
     before_tokens = model.generate(probe, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -103,7 +98,7 @@ def test_timings_exclude_the_warm_up_also_for_the_first_config(tokenizer, monkey
 
     clock = [0.0]
     monkeypatch.setattr(swaa.eval.runner, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    model = tiny_model(tokenizer)
+    model = chat_model(tokenizer)
     seen = set()
 
     def one_time_cost(module, args, kwargs):
@@ -121,7 +116,7 @@ def test_timings_exclude_the_warm_up_also_for_the_first_config(tokenizer, monkey
 
 
 def test_judge_hook_and_length_bins(tokenizer):
-    model = tiny_model(tokenizer)
+    model = chat_model(tokenizer)
     calls = []
 
     def judge(question, gold, prediction):
@@ -138,7 +133,7 @@ def test_judge_hook_and_length_bins(tokenizer):
 
 
 def test_length_filter_and_bad_inputs(tokenizer):
-    model = tiny_model(tokenizer)
+    model = chat_model(tokenizer)
     data = [{"prompt": "x" * 30, "answer": "y"}, {"prompt": "x" * 300, "answer": "y"}]
     result = run_grid(model, tokenizer, data, [], max_tokens=100, max_new_tokens=2, progress=False, print_table=False)
     assert result.summary[0]["n"] == 1
@@ -152,7 +147,7 @@ def test_length_filter_and_bad_inputs(tokenizer):
         run_grid(model, tokenizer, [{"prompt": "x"}], [], progress=False)
     with pytest.raises(ValueError, match="config 0: window=0: must be"):
         run_grid(model, tokenizer, data, [{"window": 0}], progress=False)
-    no_pad = tiny_tokenizer()
+    no_pad = chat_tokenizer()
     no_pad.pad_token = None
     with pytest.raises(ValueError, match="tokenizer.pad_token_id=None: batch_size=2 needs a pad token"):
         run_grid(model, no_pad, data, [], batch_size=2, progress=False)
@@ -193,7 +188,7 @@ def test_bad_configs_say_what_is_allowed(configs, message):
 def test_a_loaded_tokenizer_without_a_pad_token_pads_with_eos(tmp_path):
     from swaa.eval.runner import load_tokenizer
 
-    saved = tiny_tokenizer()
+    saved = chat_tokenizer()
     saved.pad_token = None
     saved.save_pretrained(tmp_path)
     assert load_tokenizer(tmp_path).pad_token == "<eos>"

@@ -6,9 +6,9 @@ import pytest
 
 from swaa.data import prompt_ids
 from swaa.eval.synthetic import TASKS, synthetic_dataset, synthetic_example
-from swaa.tiny import tiny_tokenizer
+from tiny import chat_tokenizer
 
-TOKENIZER = tiny_tokenizer()
+TOKENIZER = chat_tokenizer()
 SENTENCE = 70  # longest filler sentence, in tokens of the byte tokenizer
 
 

@@ -386,8 +386,7 @@ def test_multimodal_text_decoder_inside(model_type):
     generate, which swaa does not control, is refused."""
     warnings.filterwarnings("ignore")
     model = tiny(model_type)
-    if isinstance(model, str):
-        pytest.skip(model)
+    assert not isinstance(model, str), f"{model_type}: {model}"  # built on every transformers version tested
     model.generation_config.eos_token_id = None
     with pytest.raises(ValueError, match="multimodal"):
         swaa.patch_model(model, window=1000)

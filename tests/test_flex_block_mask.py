@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import CASES, Case, make_inputs
+from kernel_cases import CASES, make_inputs
 
 from swaa.backends import flex
 from swaa.plan import plan_forward

@@ -8,13 +8,11 @@ import warnings
 import numpy
 import pytest
 import torch
-from tiny import _COMMON as TINY_CONFIG
-from tiny import left_padded, tiny_model
+from tiny import TINY_CONFIG, chat_tokenizer, left_padded, tiny_model
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer
 
 import swaa
-import swaa.tiny
 from swaa import SWAAConfig
 
 
@@ -137,7 +135,7 @@ def test_labels_without_a_masked_prompt_warn_that_training_is_full_attention():
     from transformers import DataCollatorForLanguageModeling, DataCollatorWithFlattening
 
     model = swaa.patch_model(tiny_model("qwen3"), window=2, sink=1).train()
-    tokenizer = swaa.tiny.tiny_tokenizer()
+    tokenizer = chat_tokenizer()
     tokenizer.pad_token_id = 0  # inside the tiny model's vocabulary
     examples = [{"input_ids": list(range(5, 5 + n))} for n in (8, 5)]
     for side in ("right", "left"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import peft  # the [test] extra installs it
 import pytest
 import torch
 from tiny import left_padded, tiny_model
@@ -11,8 +12,6 @@ from transformers import AutoModelForCausalLM
 
 import swaa
 from swaa.train import IGNORE_INDEX, load_adapter, save_swaa_config
-
-peft = pytest.importorskip("peft")
 
 FIELDS = dict(window=3, sink=1, interleave=2)
 

@@ -14,7 +14,7 @@ import torch
 from reference import reference_model
 from test_cache import assert_same_generation
 from test_generate import assert_logits_equal, run_and_compare
-from tiny import _COMMON as TINY_CONFIG
+from tiny import TINY_CONFIG
 from tiny import FAMILIES, left_padded, tiny_model
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode

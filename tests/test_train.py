@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from reference import _MASKS, layer_masks, positions, reference_model
-from tiny import VOCAB, left_padded, tiny_model
+from tiny import VOCAB, left_padded, tiny_model, word_tokenizer
 from transformers import DataCollatorWithFlattening
 
 import swaa
@@ -21,17 +21,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = dict(window=3, sink=1, interleave=3)  # FA decode on: the answer boundary matters
 NEW = 5
 BACKENDS = ["reference", "flash", "flex"]
-
-
-def tiny_tokenizer():
-    """A word-level tokenizer over the tiny models' vocabulary: <pad>=0, <eos>=1, <unk>=2, w3 ... w60."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
 def patched_for(backend):
@@ -85,7 +74,7 @@ PROMPTS = [list(range(3, 14)), list(range(20, 27)), list(range(40, 49))]  # 11, 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_collator_masks_prompt_and_padding(padding_side):
-    tokenizer = tiny_tokenizer()
+    tokenizer = word_tokenizer()
     tokenizer.padding_side = padding_side
     collate = PromptAnswerCollator(tokenizer, chat_template=False)
     batch = collate([{"prompt": "w3 w4 w5 w6", "answer": "w7 w8"}, {"prompt": "w9", "answer": "w10"}])
@@ -103,7 +92,7 @@ def test_collator_masks_prompt_and_padding(padding_side):
 
 
 def test_collator_cuts_the_middle_of_long_prompts_and_keeps_the_answer():
-    collate = PromptAnswerCollator(tiny_tokenizer(), max_length=6, chat_template=False)
+    collate = PromptAnswerCollator(word_tokenizer(), max_length=6, chat_template=False)
     encoded = collate.encode({"prompt": "w3 w4 w5 w6 w7 w8 w9", "answer": "w20 w21"})
     assert encoded["input_ids"] == [3, 4, 9, 20, 21, 1]  # 3 prompt tokens left: its first 2 and its last
     assert encoded["labels"] == [-100, -100, -100, 20, 21, 1]
@@ -112,7 +101,7 @@ def test_collator_cuts_the_middle_of_long_prompts_and_keeps_the_answer():
 
 
 def test_collator_packs_like_data_collator_with_flattening():
-    tokenizer = tiny_tokenizer()
+    tokenizer = word_tokenizer()
     examples = [{"prompt": "w3 w4 w5", "answer": "w6"}, {"prompt": "w7 w8", "answer": "w9 w10"}]
     packed = PromptAnswerCollator(tokenizer, packing=True, chat_template=False)(examples)
     assert set(packed) == {"input_ids", "labels", "position_ids"}  # no attention mask: sequences by positions
@@ -122,7 +111,7 @@ def test_collator_packs_like_data_collator_with_flattening():
 
 
 def test_chat_template_is_applied_to_the_prompt_only():
-    tokenizer = tiny_tokenizer()
+    tokenizer = word_tokenizer()
     tokenizer.chat_template = "{% for m in messages %}w50 {{ m['content'] }} w51 {% endfor %}w52"
     encoded = PromptAnswerCollator(tokenizer).encode({"prompt": "w3 w4", "answer": "w5"})
     assert encoded["input_ids"] == [50, 3, 4, 51, 52, 5, 1]
@@ -140,7 +129,7 @@ def test_generate_logits_equal_teacher_forced_collated_batch(backend, padding_si
     model = patched_for(backend)
     device = model.device
     answers, generated_logits = generate_answers(model, PROMPTS)
-    tokenizer = tiny_tokenizer()
+    tokenizer = word_tokenizer()
     tokenizer.padding_side = padding_side
     batch = PromptAnswerCollator(tokenizer)(token_examples(PROMPTS, answers))
     forced = model(**{k: v.to(device) for k, v in batch.items()}).logits
@@ -158,9 +147,9 @@ def test_packed_sequences_equal_the_same_sequences_unpacked(backend):
     device = model.device
     answers, generated_logits = generate_answers(model, PROMPTS)
     examples = token_examples(PROMPTS, answers)
-    padded = PromptAnswerCollator(tiny_tokenizer())(examples)
+    padded = PromptAnswerCollator(word_tokenizer())(examples)
     unpacked = model(**{k: v.to(device) for k, v in padded.items()}).logits
-    for packer in (PromptAnswerCollator(tiny_tokenizer(), packing=True), DataCollatorWithFlattening()):
+    for packer in (PromptAnswerCollator(word_tokenizer(), packing=True), DataCollatorWithFlattening()):
         packed_batch = packer(examples)
         packed = model(**{k: v.to(device) for k, v in packed_batch.items()}).logits[0]
         start = 0
@@ -176,7 +165,7 @@ def test_the_boundary_matters_here():
     """The invariant test can fail: with every token taken as prompt, the answer logits change."""
     model = swaa.patch_model(tiny_model("qwen3"), **FIELDS)
     answers, generated_logits = generate_answers(model, PROMPTS)
-    batch = PromptAnswerCollator(tiny_tokenizer())(token_examples(PROMPTS, answers))
+    batch = PromptAnswerCollator(word_tokenizer())(token_examples(PROMPTS, answers))
     batch["labels"][:] = IGNORE_INDEX
     batch["labels"][:, -1] = 1  # answers "start" at the last column: every real token before is prompt
     forced = model(**batch).logits
@@ -215,7 +204,7 @@ def test_gradients_equal_the_float64_reference(checkpointing, packed):
     if checkpointing != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
     prompts, answers = PROMPTS, [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
-    batch = PromptAnswerCollator(tiny_tokenizer(), packing=packed)(token_examples(prompts, answers))
+    batch = PromptAnswerCollator(word_tokenizer(), packing=packed)(token_examples(prompts, answers))
     generated = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
     if packed:
         start = 0
@@ -240,7 +229,7 @@ def test_gradients_equal_the_float64_reference(checkpointing, packed):
 
 
 def test_self_distill_answers_greedily_in_batches_and_writes_jsonl(tmp_path):
-    tokenizer = tiny_tokenizer()
+    tokenizer = word_tokenizer()
     model = tiny_model("qwen3", dtype=torch.float32)
     prompts = ["w3 w4 w5 w6 w7", {"prompt": "w8 w9", "id": 7}, "w10 w11 w12"]
     path = tmp_path / "distilled.jsonl"
