@@ -2,8 +2,8 @@
 
 - Builders of tiny models, inputs and tokenizers live in tests/tiny.py (importable from helpers too); the
   fixtures here hand out the ones tests only receive.
-- Warnings: a test module that patches a model runs ``swaa/compat.py``, which exists to follow transformers'
-  renames; there a DeprecationWarning is an error, so an upstream rename fails the tests before it fails users
+- Warnings: a test module that patches a model, or imports ``swaa.compat``, runs ``swaa/compat.py``, which
+  exists to follow transformers' renames; there a DeprecationWarning is an error, so an upstream rename fails the tests before it fails users
   (peft's test settings do the same). Elsewhere warnings show in the summary.
 - Skips: only for something this machine lacks (a CUDA GPU, several GPUs, flash-attn, vLLM), the reason naming
   it; ``-rs`` (pyproject's addopts) prints every reason. A backend that does not take a case is asserted to
@@ -19,7 +19,7 @@ import re
 import pytest
 from tiny import chat_tokenizer
 
-_PATCHES_A_MODEL = re.compile(r"patch_model\(|swaa\.patched\(")
+_RUNS_COMPAT = re.compile(r"patch_model\(|swaa\.patched\(|from swaa import compat|swaa\.compat\b")
 SLOW_MODULES = {  # module -> why it need not run on every change; tests marked ``inductor`` are slow too
     "test_bench.py": "runs benchmarks/bench.py --smoke end to end, several times",
     "test_family_sweep.py": "builds a tiny model of every transformers family",
@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         path = item.path
         if path not in patches:
-            patches[path] = bool(_PATCHES_A_MODEL.search(path.read_text(encoding="utf-8")))
+            patches[path] = bool(_RUNS_COMPAT.search(path.read_text(encoding="utf-8")))
         if patches[path]:
             item.add_marker(pytest.mark.filterwarnings("error::DeprecationWarning"))
         if path.name in SLOW_MODULES or item.get_closest_marker("inductor"):

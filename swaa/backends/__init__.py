@@ -22,8 +22,8 @@ How to add a backend:
    head_dim, gradients, a mask it cannot apply...): each reason said there and nowhere else; ``attend``
    checks nothing. See ``base.Backend`` for the other fields.
 2. Add its module name to ``_MODULES`` below: one line.
-3. The tests of tests/test_backends.py run it on every kernel case that it takes (against the float64
-   reference) and assert the reason of each case it refuses; nothing else to register.
+3. tests/test_backends.py runs it on every kernel case it takes, against the float64 reference, and asserts
+   that it refuses the others; say which those are in ``tests/kernel_cases.takes`` (by default: none).
 """
 
 from __future__ import annotations
