@@ -14,7 +14,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..plan import Plan
-from ..rules import LayerRule, keys_in_reach, sink_end, visible, window_start
+from ..rules import LayerRule, decodes_differently, keys_in_reach, sink_end, visible, window_start
 from .base import Backend, Call
 
 BLOCK = 128
@@ -104,7 +104,7 @@ def block_mask(rule: LayerRule, plan: Plan) -> BlockMask:
     needs_all = q_lo_seq != q_hi_seq  # a block spanning two packed sequences: list all its keys
     if rule.is_full:
         needs_all = torch.ones_like(needs_all)
-    elif rule.fa_decode:
+    elif decodes_differently(rule):  # a generated query sees every earlier key
         needs_all |= (_blocks(generated, False) & q_valid).any(-1)
 
     # Keys sorted by (sequence, position); padding takes its left neighbour's value to keep the order.
@@ -144,7 +144,8 @@ def block_mask(rule: LayerRule, plan: Plan) -> BlockMask:
     full = listed & q_valid.all(-1)[..., None] & gather(k_all_valid) & same_sequence
     full &= gather(k_hi_pos) <= q_lo_pos[..., None]
     if not rule.is_full:
-        all_generated = (_blocks(generated, True) | ~q_valid).all(-1) if rule.fa_decode else torch.zeros_like(any_valid)
+        all_generated = ((_blocks(generated, True) | ~q_valid).all(-1) if decodes_differently(rule)
+                         else torch.zeros_like(any_valid))
         in_reach = keys_in_reach(rule, gather(k_lo_pos), gather(k_hi_pos), q_hi_pos[..., None])
         full &= in_reach | all_generated[..., None]
     partial = listed & ~full
