@@ -22,7 +22,8 @@ class Call(NamedTuple):
 
     query: (batch, heads, q_len, head_dim); key, value: (batch, kv_heads, kv_len, head_dim); rule and plan
     as ``attend`` gets them; dropout: the attention dropout probability; need_weights: the caller wants the
-    attention weights (``output_attentions=True``); compiling: the call runs inside ``torch.compile``.
+    attention weights (``output_attentions=True``); compiling: the call runs inside ``torch.compile``. A
+    backend without a backward refuses where ``torch.is_grad_enabled()`` and a tensor ``requires_grad``.
     """
 
     query: torch.Tensor
@@ -42,11 +43,6 @@ class Call(NamedTuple):
     def q_len(self) -> int:
         """Queries per row: 1 for a decode step."""
         return self.query.shape[2]
-
-    @property
-    def needs_grad(self) -> bool:
-        """Whether autograd will ask this call for gradients."""
-        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.query, self.key, self.value))
 
 
 def _runs_anywhere(device: torch.device) -> None:
