@@ -83,9 +83,21 @@ def test_the_cases_run_every_path(monkeypatch):
         schedule = windowed._schedule(case.rule, plan, 8)
         steady = [c.mask_key for c in schedule.chunks if c.mask_key[0] == "steady"]
         seen.add("shared steady mask" if len(steady) > len(set(steady)) else None)
+        groups = windowed._groups(schedule.chunks, schedule.extra_slot.shape[1], 1)
+        seen.add("steady chunks in one call" if any(len(group) > 1 for group in groups) else None)
         if any(c.extra for c in schedule.chunks):
             seen.add("extra keys in place" if schedule.extra_prefix else "extra keys gathered")
-    assert seen >= {"sdpa", "shared steady mask", "extra keys in place", "extra keys gathered"}
+    assert seen >= {"sdpa", "shared steady mask", "steady chunks in one call", "extra keys in place",
+                    "extra keys gathered"}
+
+
+def test_values_of_another_width():
+    """Multi-head latent attention (DeepSeek-V2) hands values narrower than its keys, from a ring too."""
+    case = next(c for c in OWN_CASES if c.keys_shuffled)
+    query, key, _, plan, expected = make_inputs(case)
+    value = torch.randn(*key.shape[:3], 5, dtype=torch.float64)
+    output, _ = windowed.attend(query, key, value, rule=case.rule, plan=plan, scaling=0.3)
+    torch.testing.assert_close(output, reference_output(query, key, value, expected, 0.3), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("sink", [0, 2])

@@ -23,6 +23,7 @@ where no query needs a mask (a full layer's prompt, a decode step that sees ever
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -174,31 +175,75 @@ def attend(
         plan.memo[memo_key] = _schedule(rule, plan, CHUNK)
     schedule = plan.memo[memo_key]
     extra_count = schedule.extra_slot.shape[1]
+    extras = None, None
     if schedule.extra_prefix:
-        extra_key, extra_value = key[:, :, :extra_count], value[:, :, :extra_count]
+        extras = key[:, :, :extra_count], value[:, :, :extra_count]
     elif any(chunk.extra for chunk in schedule.chunks):
         index = schedule.extra_slot[:, None, :, None].expand(-1, key.shape[1], -1, -1)
-        extra_key, extra_value = (t.gather(2, index.expand(-1, -1, -1, t.shape[3])) for t in (key, value))
-    batch, heads, q_len, _ = query.shape
-    output = query.new_empty(batch, q_len, heads, value.shape[3])
-    for chunk in schedule.chunks:
-        queries = slice(chunk.start, chunk.stop)
-        if chunk.lo == chunk.hi and not chunk.extra:  # no key to read: padding queries only
-            output[:, queries] = 0
+        extras = tuple(t.gather(2, index.expand(-1, -1, -1, t.shape[3])) for t in (key, value))
+    run = functools.partial(F.scaled_dot_product_attention, dropout_p=dropout, scale=scaling, enable_gqa=True)
+    key_bytes = query.shape[0] * key.shape[1] * (key.shape[3] + value.shape[3]) * key.element_size()
+    parts = []  # (batch, queries, heads, head_dim) each, in query order
+    for group in _groups(schedule.chunks, extra_count, key_bytes):
+        first = group[0]
+        if len(group) > 1:  # steady chunks: one call, the chunks side by side in the batch dimension
+            parts.append(_attend_steady(run, query, key, value, extras, group, _mask(rule, plan, schedule, first,
+                                                                                    query.dtype)))
             continue
-        keys, values = key[:, :, chunk.lo : chunk.hi], value[:, :, chunk.lo : chunk.hi]
-        if chunk.extra and schedule.extra_prefix and chunk.lo == extra_count:  # one range of slots: no copy
-            keys, values = key[:, :, : chunk.hi], value[:, :, : chunk.hi]
-        elif chunk.extra:
-            keys, values = torch.cat([extra_key, keys], 2), torch.cat([extra_value, values], 2)
-        part = F.scaled_dot_product_attention(
-            query[:, :, queries], keys, values, attn_mask=_mask(rule, plan, schedule, chunk, query.dtype),
-            dropout_p=dropout, scale=scaling, enable_gqa=True,
-        ).transpose(1, 2)
-        if chunk.padded:
-            part = part * (plan.query_pos[:, queries, None, None] >= 0)
-        output[:, queries] = part
-    return output, None
+        queries = slice(first.start, first.stop)
+        if first.lo == first.hi and not first.extra:  # no key to read: padding queries only
+            parts.append(query.new_zeros(query.shape[0], first.stop - first.start, query.shape[1], value.shape[3]))
+            continue
+        keys, values = key[:, :, first.lo : first.hi], value[:, :, first.lo : first.hi]
+        if first.extra and schedule.extra_prefix and first.lo == extra_count:  # one range of slots: no copy
+            keys, values = key[:, :, : first.hi], value[:, :, : first.hi]
+        elif first.extra:
+            keys, values = torch.cat([extras[0], keys], 2), torch.cat([extras[1], values], 2)
+        part = run(query[:, :, queries], keys, values, attn_mask=_mask(rule, plan, schedule, first, query.dtype))
+        if first.padded:
+            part = part * (plan.query_pos[:, None, queries, None] >= 0)
+        parts.append(part.transpose(1, 2))
+    return torch.cat(parts, 1) if len(parts) > 1 else parts[0].contiguous(), None
+
+
+GROUP_BYTES = 32 << 20  # the keys and values that one call over steady chunks copies, at most
+
+
+def _groups(chunks: tuple[_Chunk, ...], extra_count: int, key_bytes: int):
+    """The chunks in runs of steady chunks of one mask, each run's keys and values at most ``GROUP_BYTES``
+    (``key_bytes``: one key and its value in every row); other chunks alone."""
+    group: list[_Chunk] = []
+    for chunk in chunks:
+        chunk_bytes = (chunk.hi - chunk.lo + extra_count * chunk.extra) * key_bytes
+        if group and (chunk.mask_key[0] != "steady" or chunk.mask_key != group[0].mask_key
+                      or (len(group) + 1) * chunk_bytes > GROUP_BYTES):
+            yield group
+            group = []
+        group.append(chunk)
+    if group:
+        yield group
+
+
+def _attend_steady(run, query, key, value, extras, group: list[_Chunk], mask: torch.Tensor) -> torch.Tensor:
+    """Steady chunks in one call, side by side in the batch dimension: each chunk's queries and line are the
+    first's moved by a whole chunk, so the lines are one unfolded view of the cache, with the extra keys (the
+    sinks) copied in front of each; their masks are one, the same in every row. Returns (batch, queries, heads,
+    head_dim)."""
+    first, count = group[0], len(group)
+    size, width = first.stop - first.start, first.hi - first.lo
+    batch, heads = query.shape[:2]
+
+    def chunks_of(tensor: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        lines = tensor[:, :, first.lo : first.lo + (count - 1) * size + width].unfold(2, width, size)
+        lines = lines.permute(0, 2, 1, 4, 3)  # (batch, chunk, kv_heads, width, head_dim)
+        if first.extra:
+            lines = torch.cat([extra[:, None].expand(-1, count, -1, -1, -1), lines], 3)
+        return lines.reshape(batch * count, tensor.shape[1], -1, tensor.shape[3])
+
+    queries = query[:, :, first.start : first.start + count * size].unflatten(2, (count, size)).transpose(1, 2)
+    output = run(queries.reshape(batch * count, heads, size, -1), chunks_of(key, extras[0]),
+                 chunks_of(value, extras[1]), attn_mask=mask[:1])
+    return output.transpose(1, 2).reshape(batch, count * size, heads, -1)
 
 
 def refuses(call: Call) -> str | None:
