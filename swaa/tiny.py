@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     folder = save_tiny_model(args.folder, args.seed, args.layers)
     print(f"tiny Qwen3 and tokenizer written to {folder}; try:\n"
-          f"    python -m swaa.eval --model {folder} --synthetic needle --length 512 --num 2 --configs '{{\"window\": 64}}'"
-          " --output /tmp/swaa-eval")
+          f"    python -m swaa.eval --model {folder} --synthetic needle --length 512 --num 2"
+          """ --configs '{"window": 64}' --output /tmp/swaa-eval""")
     return 0
 
 

@@ -32,8 +32,8 @@ def test_bench_smoke_writes_results(tmp_path, capsys):
 
 def test_smoke_says_it_is_one_and_gives_a_ratio_only_beyond_the_window(tmp_path, capsys):
     plot = tmp_path / "speedup.png"
-    result = bench.main(["--smoke", "--out", str(tmp_path / "b.json"), "--plot", str(plot), "--configs", "full attention",
-                         "interleave 2", "--lengths", "64", str(bench.WINDOW + 1)])
+    result = bench.main(["--smoke", "--out", str(tmp_path / "b.json"), "--plot", str(plot), "--configs",
+                         "full attention", "interleave 2", "--lengths", "64", str(bench.WINDOW + 1)])
     assert [(row["config"], row["length"]) for row in result["speedups"]] == [("FA decode + interleave 2",
                                                                               bench.WINDOW + 1)]
     assert result["speedups"][0]["ttft_speedup"] > 0 and result["speedups"][0]["memory_ratio"] is None

@@ -129,7 +129,8 @@ def test_a_second_turn_on_a_static_cache_too_small_for_it_is_refused_with_the_si
     model = swaa.patch_model(tiny_model("qwen3"), window=3, sink=1)
     ids, mask = left_padded([8], total=8, seed=27)
     cache = None if own_cache else StaticCache(config=model.config, max_cache_len=8 + 4 - 1)
-    first = generate(model, ids, mask, new=4, past_key_values=cache, cache_implementation="static" if own_cache else None)
+    first = generate(model, ids, mask, new=4, past_key_values=cache,
+                     cache_implementation="static" if own_cache else None)
     turn2_ids = torch.cat([first.sequences, torch.randint(3, 50, (1, 5))], dim=1)
     with pytest.raises(ValueError, match=r"room for 11 tokens and this generate writes 22 .* max_cache_len >= 22"):
         generate(model, turn2_ids, torch.ones_like(turn2_ids), new=NEW, past_key_values=first.past_key_values)

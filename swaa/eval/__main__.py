@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="synthetic seed")
     parser.add_argument("--configs",
                         help="SWAA configs: inline JSON (a dict or a list; null = full attention) or a .json/.yaml"
-                        f" file, the authors' settings lists included (default: the recommended {json.dumps(RECOMMENDED)})")
+                        " file, the authors' settings lists included (default: the recommended"
+                        f" {json.dumps(RECOMMENDED)})")
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--scorer", default="substring", choices=sorted(SCORERS), help="how predictions are scored")
     parser.add_argument("--max-new-tokens", type=int, default=32)
