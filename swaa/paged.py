@@ -8,15 +8,16 @@ the keys a query can see:
 - an SWA query that is a prompt token (or a generated token without FA decode): the sinks and its window;
 - a query of a full-attention layer, or a generated token under FA decode: every earlier key.
 
-Queries are attended in groups, each over the key positions its queries can see (``_visible_keys``), gathered from
-the cache through the block table, with the rule's mask (``swaa.rules.visible``) over those positions only, on
-PyTorch's fused attention (``scaled_dot_product_attention``):
+Queries are attended in groups, each over the cache blocks that hold the keys its queries can see
+(``_visible_blocks``), copied whole through the block table, with the rule's mask (``swaa.rules.visible``) over those
+keys only, on PyTorch's fused attention (``scaled_dot_product_attention``):
 
-- every request that brings one query (a decode step) in one batched call, its keys padded to the longest;
+- the requests that bring one query (decode steps) in one batched call, their blocks padded to the longest;
 - a request that brings several (a prompt, or a prompt chunk) in tiles of ``tile`` queries: an SWA tile reads the
-  sinks and the window of its first query up to its last one, ``sink + window - 1 + tile`` keys at most.
+  sinks' blocks and the blocks from its first query's window start to its last query, about
+  ``sink + window + tile + 2 x block_size`` keys; SWA tiles of every request go in one batched call.
 
-So an SWA prompt of n tokens costs about n x (sink + window + tile) scores, not n x n / 2.
+So an SWA prompt of n tokens costs about n x (sink + window + tile + 2 x block_size) scores, not n x n / 2.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     """One layer's attention for a batch of requests' new tokens under ``rule``.
 
     query: (tokens, heads, head_dim), every request's new tokens one after another.
-    key_cache, value_cache: (num_blocks, block_size, kv_heads, head_dim) (views are fine); the new tokens' keys and
-        values are already written.
+    key_cache, value_cache: (num_blocks, kv_heads, block_size, head_dim), views of any strides but the last (vLLM's
+        CPU cache ``[..., :head_dim]`` and ``[..., head_dim:]``; its GPU layout ``.transpose(1, 2)``); the new tokens'
+        keys and values are already written, and unwritten slots hold finite values (vLLM zero-fills its cache).
     block_table: (requests, blocks per request) int: request r's token at position p lies in block
         ``block_table[r, p // block_size]`` at offset ``p % block_size``.
     query_starts: requests + 1 ints: request r's new tokens are ``query[query_starts[r]:query_starts[r + 1]]``.
@@ -48,14 +50,15 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     heads must be a multiple of kv_heads (grouped-query attention). Returns (tokens, heads, head_dim).
     """
     output = torch.empty_like(query)
-    windowed, whole = [], []  # groups (request, first row, end row, positions, keys): batched by kind
+    block_size = key_cache.shape[2]
+    windowed, whole = [], []  # groups (request, first row, end row, positions, cache blocks): batched by kind
     for request, seq_len in enumerate(seq_lens):
         first, end = query_starts[request], query_starts[request + 1]
         for lo in range(first, end, tile):
             hi = min(lo + tile, end)
             positions = torch.arange(seq_len - (end - lo), seq_len - (end - hi), device=query.device)
-            keys, everything = _visible_keys(rule, positions, prompt_lens[request])
-            group = (request, lo, hi, positions, keys)
+            blocks, everything = _visible_blocks(rule, positions, prompt_lens[request], block_size)
+            group = (request, lo, hi, positions, blocks)
             if not everything:
                 windowed.append(group)
             elif hi - lo == 1:
@@ -68,39 +71,43 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     return output
 
 
-def _visible_keys(rule: LayerRule, positions: torch.Tensor, prompt_len: int) -> tuple[torch.Tensor, bool]:
-    """Key positions that a run of consecutive queries at ``positions`` may see between them, ascending, and
-    whether that is every key: every key up to the last query where one of them sees its whole prefix, else the
-    sinks and the window from the first query's window start to the last query."""
+def _visible_blocks(rule: LayerRule, positions: torch.Tensor, prompt_len: int,
+                    block_size: int) -> tuple[torch.Tensor, bool]:
+    """The request's cache blocks (logical indices, ascending) that hold the keys a run of consecutive queries at
+    ``positions`` may see between them, and whether those are every key: every block up to the last query where one
+    of them sees its whole prefix, else the sinks' blocks and the window's from the first query's window start to
+    the last query. Whole blocks are read (one copy per block); the mask drops the keys in them no query sees."""
     first, last = int(positions[0]), int(positions[-1])
     device = positions.device
     if sees_whole_prefix(rule, first, last >= prompt_len):
-        return torch.arange(last + 1, device=device), True
-    start = window_start(rule, first)
-    return torch.cat([torch.arange(rule.sink, device=device), torch.arange(start, last + 1, device=device)]), False
+        return torch.arange(last // block_size + 1, device=device), True
+    window_block = window_start(rule, first) // block_size
+    sink_blocks = min(-(-rule.sink // block_size), window_block)
+    return torch.cat([torch.arange(sink_blocks, device=device),
+                      torch.arange(window_block, last // block_size + 1, device=device)]), False
 
 
 def _attend_groups(rule: LayerRule, groups: list, query: torch.Tensor, key_cache: torch.Tensor,
                    value_cache: torch.Tensor, block_table: torch.Tensor, prompt_lens: list[int], scaling: float,
                    output: torch.Tensor) -> None:
-    """One fused attention call over ``groups`` (request, first row, end row, query positions, key positions),
-    queries and keys padded to the group's longest; writes ``output[first:end]`` of each."""
+    """One fused attention call over ``groups`` (request, first row, end row, query positions, logical cache
+    blocks), queries and blocks padded to the group's longest; writes ``output[first:end]`` of each."""
     requests = [group[0] for group in groups]
     rows = torch.cat([torch.arange(lo, hi, device=query.device) for _, lo, hi, _, _ in groups])
     positions = pad_sequence([group[3] for group in groups], batch_first=True, padding_value=-1)  # (n, q)
-    keys = pad_sequence([group[4] for group in groups], batch_first=True, padding_value=-1)  # (n, k)
+    blocks = pad_sequence([group[4] for group in groups], batch_first=True, padding_value=-1)  # (n, b)
     real = positions >= 0
     queries = query.new_zeros(*positions.shape, *query.shape[1:])
     queries[real] = query[rows]
-    block_size = key_cache.shape[1]
-    read = keys.clamp(min=0)
-    blocks = block_table[requests].gather(1, read // block_size).long()
-    offsets = read % block_size
-    key = key_cache[blocks, offsets].to(query.dtype)  # (n, k, kv_heads, d)
-    value = value_cache[blocks, offsets].to(query.dtype)
+    block_size = key_cache.shape[2]
+    physical = block_table[requests].gather(1, blocks.clamp(min=0)).long()
+    keys = blocks[:, :, None] * block_size + torch.arange(block_size, device=query.device)  # (n, b, block_size)
+    keys = keys.masked_fill(blocks[:, :, None] < 0, -1).flatten(1)  # (n, k) key positions, -1: padding
+    # one copy of the blocks, (kv_heads, n, b, block_size, d), seen as (n, kv_heads, k, d)
+    key, value = (cache.transpose(0, 1)[:, physical].to(query.dtype).transpose(0, 1).flatten(2, 3)
+                  for cache in (key_cache, value_cache))
     generated = positions >= torch.tensor([prompt_lens[r] for r in requests], device=query.device)[:, None]
     mask = visible(rule, positions[:, :, None], keys[:, None, :], generated[:, :, None])  # (n, q, k); pads: none
-    out = F.scaled_dot_product_attention(queries.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                         attn_mask=mask[:, None], scale=scaling,
-                                         enable_gqa=query.shape[1] != key.shape[2])
+    out = F.scaled_dot_product_attention(queries.transpose(1, 2), key, value, attn_mask=mask[:, None], scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
     output[rows] = out.transpose(1, 2)[real]

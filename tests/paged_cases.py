@@ -43,8 +43,8 @@ def make_inputs(case: PagedCase, device="cpu", dtype=torch.float32, seed=0):
     per_request = [-(-r.seq_len // case.block_size) for r in case.requests]
     num_blocks = sum(per_request) + 3  # a few blocks no request owns
     order = torch.randperm(num_blocks, generator=generator)
-    key_cache = torch.randn(num_blocks, case.block_size, case.kv_heads, case.head_dim, generator=generator)
-    value_cache = torch.randn(num_blocks, case.block_size, case.kv_heads, case.head_dim, generator=generator)
+    key_cache = torch.randn(num_blocks, case.kv_heads, case.block_size, case.head_dim, generator=generator)
+    value_cache = torch.randn(num_blocks, case.kv_heads, case.block_size, case.head_dim, generator=generator)
     block_table = torch.zeros(len(case.requests), max(per_request) + 1, dtype=torch.int32)
     queries, expected, plain, starts, used = [], [], [], [0], 0
     scaling = case.head_dim**-0.5
@@ -53,8 +53,8 @@ def make_inputs(case: PagedCase, device="cpu", dtype=torch.float32, seed=0):
         used += per_request[index]
         block_table[index, : len(blocks)] = blocks.int()
         token = torch.arange(request.seq_len)
-        keys = key_cache[blocks[token // case.block_size], token % case.block_size]  # (seq, kv_heads, d)
-        values = value_cache[blocks[token // case.block_size], token % case.block_size]
+        keys = key_cache[blocks[token // case.block_size], :, token % case.block_size]  # (seq, kv_heads, d)
+        values = value_cache[blocks[token // case.block_size], :, token % case.block_size]
         query = torch.randn(request.new, case.heads, case.head_dim, generator=generator)
         first = request.seq_len - request.new
         rule = case.rule

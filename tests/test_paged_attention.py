@@ -24,15 +24,15 @@ def test_paged_attention_equals_the_rule(case):
 
 
 def test_small_tiles_read_only_the_window_and_sinks(monkeypatch):
-    """Tiles of 4 queries over a 40-token prompt (window 6, sink 2): each tile reads its sinks and window, no more,
-    and the result is still the rule's."""
+    """Tiles of 4 queries over a 200-token prompt in blocks of 4 (window 6, sink 2): each tile reads the sinks'
+    block and the blocks of its window, never more than 5 of the prompt's 50, and the result is still the rule's."""
     from swaa import paged
 
     reads = []
     attend = paged._attend_groups
     monkeypatch.setattr(paged, "_attend_groups", lambda *a: reads.extend(len(g[4]) for g in a[1]) or attend(*a))
-    case = PagedCase((Request(40, 40, 40),), LayerRule(6, 2, True))
+    case = PagedCase((Request(200, 200, 200),), LayerRule(6, 2, True), block_size=4)
     inputs, expected, plain = make_inputs(case)
     output = paged_attention(**inputs, rule=case.rule, scaling=case.head_dim**-0.5, tile=4)
     assert error(output, expected) <= 2 * error(plain, expected) + 1e-7
-    assert reads[0] == 4 and max(reads) == 2 + 6 - 1 + 4
+    assert len(reads) == 50 and reads[0] == 1 and max(reads) <= 5

@@ -296,9 +296,8 @@ class SWAACPUImpl(CPUAttentionBackendImpl):
                                    output_block_scale)
         metadata = attn_metadata
         tokens = metadata.query_starts[-1]
-        cache = kv_cache.transpose(1, 2)  # (blocks, block_size, kv_heads, 2 * head_dim)
-        output[:tokens] = paged_attention(
-            query[:tokens], cache[..., : self.head_size], cache[..., self.head_size :], metadata.block_table,
+        output[:tokens] = paged_attention(  # kv_cache: (blocks, kv_heads, block_size, 2 * head_dim)
+            query[:tokens], kv_cache[..., : self.head_size], kv_cache[..., self.head_size :], metadata.block_table,
             metadata.query_starts, metadata.seq_lens_list, metadata.prompt_lens, rule, self.scale).to(output.dtype)
         return output
 
