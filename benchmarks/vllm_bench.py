@@ -2,13 +2,13 @@
 
     python benchmarks/vllm_bench.py [--quick] [--out vllm_bench.json]
 
-A 4-layer Llama, hidden 256 (4 heads of 64, 2 KV heads), random weights, float32, eager; prefix caching off.
-Rows: 8 prompts of 2k tokens, and one prompt of 16k tokens; paths: plain vLLM (the checkpoint without config.swaa),
-the recommended config scaled down (window 256, sink 4, interleave 2, FA decode) and every layer SWA (window 256,
-sink 4, no FA decode: every query reads 260 keys at most). Prefill: prompt tokens per second of a generate of one token; decode: generated tokens per
-second of the steps after the first (a generate of ``--new`` tokens less the one-token generate). Each path and row
-runs in a process of its own. Prints a table and writes JSON. Run it in the vLLM environment (README, "Serving with
-vLLM"); ``--quick`` runs 2 prompts of 1k and one of 4k, for a smoke test.
+A 4-layer Llama, hidden 256 (4 heads of 64, 2 KV heads), random weights, float32, eager; prefix caching off. Rows: 8
+prompts of 2k tokens, and one prompt of 16k tokens; paths: plain vLLM (the checkpoint without config.swaa), the
+recommended config scaled down (window 256, sink 4, interleave 2, FA decode) and every layer SWA (window 256, sink
+4, no FA decode: every query reads 260 keys at most). Prefill: prompt tokens per second of a generate of one token;
+decode: generated tokens per second of the steps after the first (a generate of ``--new`` tokens less the one-token
+generate). Each path and row runs in a process of its own. Prints a table and writes JSON. Run it in the vLLM
+environment (README, "Serving with vLLM"); ``--quick`` runs 2 prompts of 1k and one of 4k, for a smoke test.
 """
 
 from __future__ import annotations

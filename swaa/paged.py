@@ -56,29 +56,31 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         first, end = query_starts[request], query_starts[request + 1]
         for lo in range(first, end, tile):
             hi = min(lo + tile, end)
-            positions = torch.arange(seq_len - (end - lo), seq_len - (end - hi), device=query.device)
-            blocks, everything = _visible_blocks(rule, positions, prompt_lens[request], block_size)
+            first_pos, last_pos = seq_len - (end - lo), seq_len - (end - hi) - 1
+            positions = torch.arange(first_pos, last_pos + 1, device=query.device)
+            blocks, everything = _visible_blocks(rule, first_pos, last_pos, prompt_lens[request], block_size,
+                                                 query.device)
             group = (request, lo, hi, positions, blocks)
             if not everything:
                 windowed.append(group)
             elif hi - lo == 1:
                 whole.append(group)  # decode steps seeing every key: one call
             else:  # a tile seeing every key: alone (padding tiles to the longest would double causal work)
-                _attend_groups(rule, [group], query, key_cache, value_cache, block_table, prompt_lens, scaling, output)
+                _attend_groups(rule, [group], query, key_cache, value_cache, block_table, prompt_lens, scaling,
+                               output)
     for groups in (windowed, whole):
         if groups:
             _attend_groups(rule, groups, query, key_cache, value_cache, block_table, prompt_lens, scaling, output)
     return output
 
 
-def _visible_blocks(rule: LayerRule, positions: torch.Tensor, prompt_len: int,
-                    block_size: int) -> tuple[torch.Tensor, bool]:
+def _visible_blocks(rule: LayerRule, first: int, last: int, prompt_len: int, block_size: int,
+                    device) -> tuple[torch.Tensor, bool]:
     """The request's cache blocks (logical indices, ascending) that hold the keys a run of consecutive queries at
-    ``positions`` may see between them, and whether those are every key: every block up to the last query where one
-    of them sees its whole prefix, else the sinks' blocks and the window's from the first query's window start to
-    the last query. Whole blocks are read (one copy per block); the mask drops the keys in them no query sees."""
-    first, last = int(positions[0]), int(positions[-1])
-    device = positions.device
+    positions ``first..last`` may see between them, and whether those are every key: every block up to the last
+    query where one of them sees its whole prefix, else the sinks' blocks and the window's from the first query's
+    window start to the last query. Whole blocks are read (one copy per block); the mask drops the keys in them no
+    query sees."""
     if sees_whole_prefix(rule, first, last >= prompt_len):
         return torch.arange(last // block_size + 1, device=device), True
     window_block = window_start(rule, first) // block_size

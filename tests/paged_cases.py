@@ -32,7 +32,8 @@ class PagedCase:
     head_dim: int = 32
 
     def __str__(self):
-        rule = "full" if self.rule.is_full else f"w{self.rule.window}s{self.rule.sink}{'d' if self.rule.fa_decode else ''}"
+        rule = self.rule
+        rule = "full" if rule.is_full else f"w{rule.window}s{rule.sink}{'d' if rule.fa_decode else ''}"
         return f"{rule}-b{self.block_size}-" + "_".join(f"{r.seq_len}n{r.new}p{r.prompt_len}" for r in self.requests)
 
 

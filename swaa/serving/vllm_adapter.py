@@ -12,13 +12,13 @@
   of every request, in every step, only when the model config's ``rswa_window`` is set; unlike "still prefilling",
   it stays right when a preempted request recomputes its prompt and its generated tokens together).
 - At engine start (``EngineArgs.create_engine_config``, front end), for a swaa model: refused off the CPU build;
-  ``rswa_window`` set on the model's architecture config only (the model classes that build
-  R-SWA layers from ``hf_config.rswa_window``, which frees KV blocks, see nothing) when FA decode needs prompt
-  lengths.
-- Per engine (before its first request, ``EngineCore.preprocess_add_request``): with prefix caching and FA decode, this engine's block hasher hashes
-  blocks that hold generated tokens apart (under FA decode a generated token's keys were computed seeing its whole
-  prefix, so a later prompt that contains an earlier answer must compute them again as prompt tokens). The choice
-  is the engine's own, from its config: another engine in the same process hashes as plain vLLM does.
+  ``rswa_window`` set on the model's architecture config only (the model classes that build R-SWA layers from
+  ``hf_config.rswa_window``, which frees KV blocks, see nothing) when FA decode needs prompt lengths.
+- Per engine (before its first request, ``EngineCore.preprocess_add_request``): with prefix caching and FA decode,
+  this engine's block hasher hashes blocks that hold generated tokens apart (under FA decode a generated token's
+  keys were computed seeing its whole prefix, so a later prompt that contains an earlier answer must compute them
+  again as prompt tokens). The choice is the engine's own, from its config: another engine in the same process
+  hashes as plain vLLM does.
 - After the model is built (the model runner's ``load_model``, in each worker): refused unless every attention
   layer of the model runs ``SWAACPUImpl`` (one per layer), so a layer vLLM attends elsewhere (MLA, linear
   attention) is never served as full attention silently; ``SWAACPUImpl`` refuses what swaa's rule cannot carry

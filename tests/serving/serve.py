@@ -5,7 +5,8 @@
 
 A round may name earlier outputs: a prompt given as {"answer_of": [round, index], "then": [ids]} is that
 prompt followed by its answer and ``then``. Prints one JSON line per case: per round, each request's tokens, their
-log-probs and cached tokens; the engine's preemptions, dtype and whether it compiles; or, where the engine failed to start, the exception's
+log-probs and cached tokens; the engine's preemptions, dtype and whether it compiles; or, where the engine failed
+to start, the exception's
 type and text as the user sees them (on lines that start with "serve.py result: ")."""
 
 from __future__ import annotations
