@@ -3,7 +3,8 @@
 - Builders of tiny models, inputs and tokenizers live in tests/tiny.py (importable from helpers too); the
   fixtures here hand out the ones tests only receive.
 - Warnings: a test module that patches a model, or imports ``swaa.compat``, runs ``swaa/compat.py``, which
-  exists to follow transformers' renames; there a DeprecationWarning is an error, so an upstream rename fails the tests before it fails users
+  exists to follow transformers' renames; there a DeprecationWarning warned from transformers' or swaa's code is
+  an error, so an upstream rename fails the tests before it fails users
   (peft's test settings do the same). Elsewhere warnings show in the summary.
 - Skips: only for something this machine lacks (a CUDA GPU, several GPUs, flash-attn, vLLM), the reason naming
   it; ``-rs`` (pyproject's addopts) prints every reason. A backend that does not take a case is asserted to
@@ -19,6 +20,9 @@ import re
 import pytest
 from tiny import chat_tokenizer
 
+# warned from transformers' code, or from swaa's (a deprecated call compat.py makes): torch's own deprecations
+# inside its compiler are not swaa's to follow
+_DEPRECATIONS_THAT_FAIL = ("transformers", "swaa")
 _RUNS_COMPAT = re.compile(r"patch_model\(|swaa\.patched\(|from swaa import compat|swaa\.compat\b")
 SLOW_MODULES = {  # module -> why it need not run on every change; tests marked ``inductor`` are slow too
     "test_bench.py": "runs benchmarks/bench.py --smoke end to end, several times",
@@ -34,7 +38,8 @@ def pytest_collection_modifyitems(config, items):
         if path not in patches:
             patches[path] = bool(_RUNS_COMPAT.search(path.read_text(encoding="utf-8")))
         if patches[path]:
-            item.add_marker(pytest.mark.filterwarnings("error::DeprecationWarning"))
+            for module in _DEPRECATIONS_THAT_FAIL:
+                item.add_marker(pytest.mark.filterwarnings(f"error::DeprecationWarning:{module}"))
         if path.name in SLOW_MODULES or item.get_closest_marker("inductor"):
             item.add_marker(pytest.mark.slow)
 
