@@ -128,13 +128,13 @@ def _schedule(rule: LayerRule, plan: Plan, chunk: int) -> _Schedule:
     return _Schedule(extra_slot, extra_pos, extra_prefix, tuple(chunks))
 
 
-MASK_MEMO_BYTES = 64 << 20  # masks kept per plan for the layers after the first; steady masks are always kept
+MASK_MEMO_BYTES = 1 << 20  # masks kept per plan for the layers after the first (steady masks are always kept)
 
 
-def _mask(rule: LayerRule, plan: Plan, schedule: _Schedule, chunk: _Chunk, dtype: torch.dtype) -> torch.Tensor:
-    """(batch, 1, queries, keys read) additive mask of one chunk: the extra keys', then the line's. Layers of one
+def _mask(rule: LayerRule, plan: Plan, schedule: _Schedule, chunk: _Chunk) -> torch.Tensor:
+    """(batch, 1, queries, keys read) bool mask of one chunk: the extra keys', then the line's. Layers of one
     rule share it: kept in the plan's memo, but for non-steady chunks past ``MASK_MEMO_BYTES``."""
-    memo_key = ("windowed mask", *rule.key(), dtype, *chunk.mask_key)
+    memo_key = ("windowed mask", *rule.key(), *chunk.mask_key)
     if memo_key in plan.memo:
         return plan.memo[memo_key]
     query_pos = plan.query_pos[:, chunk.start : chunk.stop, None]
@@ -146,7 +146,7 @@ def _mask(rule: LayerRule, plan: Plan, schedule: _Schedule, chunk: _Chunk, dtype
         seen = torch.cat([extra, seen & (line_pos >= sink_end(rule))], -1)
     if chunk.padded:  # a padding query sees nothing: any finite softmax will do, its output is zeroed
         seen = seen | (query_pos < 0)
-    mask = torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, float("-inf"))[:, None]
+    mask = seen[:, None]
     kept = plan.memo.get("windowed mask bytes", 0)
     if chunk.mask_key[0] == "steady" or kept + mask.nbytes <= MASK_MEMO_BYTES:
         plan.memo[memo_key] = mask
@@ -187,8 +187,7 @@ def attend(
     for group in _groups(schedule.chunks, extra_count, key_bytes):
         first = group[0]
         if len(group) > 1:  # steady chunks: one call, the chunks side by side in the batch dimension
-            parts.append(_attend_steady(run, query, key, value, extras, group, _mask(rule, plan, schedule, first,
-                                                                                    query.dtype)))
+            parts.append(_attend_steady(run, query, key, value, extras, group, _mask(rule, plan, schedule, first)))
             continue
         queries = slice(first.start, first.stop)
         if first.lo == first.hi and not first.extra:  # no key to read: padding queries only
@@ -199,14 +198,14 @@ def attend(
             keys, values = key[:, :, : first.hi], value[:, :, : first.hi]
         elif first.extra:
             keys, values = torch.cat([extras[0], keys], 2), torch.cat([extras[1], values], 2)
-        part = run(query[:, :, queries], keys, values, attn_mask=_mask(rule, plan, schedule, first, query.dtype))
+        part = run(query[:, :, queries], keys, values, attn_mask=_mask(rule, plan, schedule, first))
         if first.padded:
             part = part * (plan.query_pos[:, None, queries, None] >= 0)
         parts.append(part.transpose(1, 2))
     return torch.cat(parts, 1) if len(parts) > 1 else parts[0].contiguous(), None
 
 
-GROUP_BYTES = 32 << 20  # the keys and values that one call over steady chunks copies, at most
+GROUP_BYTES = 16 << 20  # the keys and values that one call over steady chunks copies, at most
 
 
 def _groups(chunks: tuple[_Chunk, ...], extra_count: int, key_bytes: int):
