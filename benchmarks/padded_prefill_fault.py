@@ -135,8 +135,11 @@ def widened_compiles(plan) -> bool:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="JSON rows")
-    parser.add_argument("--families", nargs="+", default=["llama"], choices=list(FAMILIES))
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--families", nargs="*", default=["llama"], choices=list(FAMILIES),
+                        help="whole-model checks in these families (none: the attention level alone)")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES), help="attention-level cases")
+    parser.add_argument("--model-cases", nargs="+", default=["one row [300]", "padded [300, 211, 40]"],
+                        choices=list(CASES), help="whole-model cases (each compiles the prefill once more)")
     args = parser.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     rows = []
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(markdown_table(["level", "rule", "rows", "way", "real_err", "pad_err", "nan"], rows[-6:]), flush=True)
     prefill.compiles = widened_compiles
     for family in args.families:
-        for name in args.cases:
+        for name in args.model_cases:
             rows += model_rows(family, CASES[name], 300)
             print(markdown_table(["level", "rows", "way", "real_err", "pad_err", "nan"], rows[-3:]), flush=True)
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
