@@ -81,13 +81,14 @@ def test_the_cases_run_every_path(monkeypatch):
             seen.add("sdpa")
             continue
         schedule = windowed._schedule(case.rule, plan, 8)
+        seen.add("causal head" if 0 < schedule.head < plan.query_pos.shape[1] else None)
         steady = [c.mask_key for c in schedule.chunks if c.mask_key[0] == "steady"]
         seen.add("shared steady mask" if len(steady) > len(set(steady)) else None)
         groups = windowed._groups(schedule.chunks, schedule.extra_slot.shape[1], 1)
         seen.add("steady chunks in one call" if any(len(group) > 1 for group in groups) else None)
         if any(c.extra for c in schedule.chunks):
             seen.add("extra keys in place" if schedule.extra_prefix else "extra keys gathered")
-    assert seen >= {"sdpa", "shared steady mask", "steady chunks in one call", "extra keys in place",
+    assert seen >= {"sdpa", "causal head", "shared steady mask", "steady chunks in one call", "extra keys in place",
                     "extra keys gathered"}
 
 

@@ -1,7 +1,7 @@
 """Windowed attention on PyTorch's own kernels: each SWA query reads its sinks and its window, nothing else.
 
-The CPU's path (auto's pick there where it is exact). Queries go in chunks of ``CHUNK``; each chunk is one
-``F.scaled_dot_product_attention`` call (the CPU flash kernel, grouped heads in place) over the keys its
+The CPU's path (auto's pick there where it is exact). Queries go in chunks of ``CHUNK``; each chunk attends
+through ``F.scaled_dot_product_attention`` (the CPU flash kernel, grouped heads in place) over the keys its
 queries can reach, with a small mask of (chunk, keys read) from ``rules.visible``. Nothing the size of the
 context is built, and the work per query is O(window + chunk + sink) for a window query.
 
@@ -16,7 +16,8 @@ Which keys a chunk reads, from the plan's positions (``_schedule``: once per for
   the line's sinks in its mask, so no key counts twice.
 
 Layers of one rule share each chunk's mask, and the steady chunks of a long prompt (every query windowed past
-the sinks, no padding, the same shape) share one: past the sinks the rule depends on ``query - key`` only. Calls
+the sinks, no padding, the same shape) share one: past the sinks the rule depends on ``query - key`` only. They
+also run side by side in one SDPA call (``_attend_steady``): a few calls a layer, not one a chunk. Calls
 where no query needs a mask (a full layer's prompt, a decode step that sees every key, on plain rows) run
 ``sdpa.attend``, the call an unpatched model makes. Gradients are autograd's through SDPA, slices and ``cat``.
 """
@@ -34,7 +35,7 @@ from ..rules import LayerRule, sees_whole_prefix, sink_end, visible, window_star
 from . import sdpa
 from .base import Backend, Call
 
-CHUNK = 256  # queries per SDPA call: on 2 CPU cores, window 2048 (benchmarks/cpu_bench.py)
+CHUNK = 256  # queries a chunk: with a 2k window, 11% more keys read than seen, and few chunks to plan
 
 
 @dataclass(frozen=True)
@@ -54,19 +55,25 @@ class _Chunk:
 
 @dataclass(frozen=True)
 class _Schedule:
-    """Where every chunk reads, for one rule over one plan. extra_slot, extra_pos: (batch, n) slots and positions
-    of the extra keys, -1 where a row has none; ``extra_prefix``: they are the slots ``[0, n)`` of every row."""
+    """Where every chunk reads, for one rule over one plan. head: the first ``head`` queries and keys are a plain
+    causal prompt (no chunk holds them); extra_slot, extra_pos: (batch, n) slots and positions of the extra keys,
+    -1 where a row has none; ``extra_prefix``: they are the slots ``[0, n)`` of every row."""
 
+    head: int
     extra_slot: torch.Tensor
     extra_pos: torch.Tensor
     extra_prefix: bool
     chunks: tuple[_Chunk, ...]
 
 
-def _per_chunk(values: torch.Tensor, chunk: int, fill, reduce) -> list:
-    """(batch, q_len) -> one value per chunk of ``chunk`` queries, reduced over the rows and the chunk."""
+def _per_chunk(values: torch.Tensor, head: int, chunk: int, fill, reduce) -> list:
+    """(batch, q_len) -> one value per chunk of ``chunk`` queries after the first ``head``, reduced over the
+    rows and the chunk."""
+    values = values[:, head:]
     batch, q_len = values.shape
     count = -(-q_len // chunk)
+    if not count:
+        return []
     padded = F.pad(values, (0, count * chunk - q_len), value=fill).view(batch, count, chunk)
     return reduce(padded.transpose(0, 1).reshape(count, -1), -1).tolist()
 
@@ -104,28 +111,33 @@ def _schedule(rule: LayerRule, plan: Plan, chunk: int) -> _Schedule:
         first = torch.where(whole, 0, window_start(rule, query_pos).clamp(min=0))
     lo = torch.where(padding, kv_len, first + offset).clamp(held, kv_len)
     hi = torch.where(padding, held, query_pos + offset + 1).clamp(held, kv_len)
-    chunk_lo = _per_chunk(lo, chunk, kv_len, torch.amin)
-    chunk_hi = [max(low, high) for low, high in zip(chunk_lo, _per_chunk(hi, chunk, held, torch.amax))]
+    # the head: leading queries that see their whole prefix, each at the slot of its position in every row (no
+    # cache, no padding); with those keys they are a plain causal prompt, which needs no mask
+    q_len = query_pos.shape[1]
+    index = torch.arange(q_len, device=device)
+    at_index = (query_pos == index) & (key_pos[:, :q_len] == index) & whole
+    head = int(at_index.all(0).long().cumprod(0).sum())
+    chunk_lo = _per_chunk(lo, head, chunk, kv_len, torch.amin)
+    chunk_hi = [max(low, high) for low, high in zip(chunk_lo, _per_chunk(hi, head, chunk, held, torch.amax))]
 
     # Steady chunks share a mask: every row's queries at consecutive positions, windowed past every sink, all
     # sinks among the extra keys and nothing else, a line of real keys. Their mask depends on the place of the
     # line against the queries alone: past the sinks the rule depends on query - key only.
-    q_len = query_pos.shape[1]
     after_previous = F.pad(query_pos[:, 1:] - query_pos[:, :-1] == 1, (1, 0), value=True)
-    after_previous[:, ::chunk] = True  # a chunk's first query
+    after_previous[:, head::chunk] = True  # a chunk's first query
     all_sinks = held == 0 and bool(on_line.all()) and sinks.numel() == sink_end(rule)
     steady = ~padding & ~whole & (first >= sink_end(rule)) & after_previous & all_sinks
     real_before = F.pad(real.long().cumsum(-1), (1, 0))  # (batch, kv_len + 1)
     line_real = real_before[:, chunk_hi] - real_before[:, chunk_lo] == torch.tensor(chunk_hi) - torch.tensor(chunk_lo)
     chunks = []
     for start, low, high, padded, is_steady, all_real in zip(
-        range(0, q_len, chunk), chunk_lo, chunk_hi, _per_chunk(padding, chunk, False, torch.any),
-        _per_chunk(steady, chunk, False, torch.all), line_real.all(0).tolist(),
+        range(head, q_len, chunk), chunk_lo, chunk_hi, _per_chunk(padding, head, chunk, False, torch.any),
+        _per_chunk(steady, head, chunk, False, torch.all), line_real.all(0).tolist(),
     ):
         stop = min(start + chunk, q_len)
         mask_key = ("steady", low - start, high - low, stop - start) if is_steady and all_real else ("at", start)
         chunks.append(_Chunk(start, stop, low, high, held > 0 or first_sink_slot < low, padded, mask_key))
-    return _Schedule(extra_slot, extra_pos, extra_prefix, tuple(chunks))
+    return _Schedule(head, extra_slot, extra_pos, extra_prefix, tuple(chunks))
 
 
 MASK_MEMO_BYTES = 1 << 20  # masks kept per plan for the layers after the first (steady masks are always kept)
@@ -184,6 +196,9 @@ def attend(
     run = functools.partial(F.scaled_dot_product_attention, dropout_p=dropout, scale=scaling, enable_gqa=True)
     key_bytes = query.shape[0] * key.shape[1] * (key.shape[3] + value.shape[3]) * key.element_size()
     parts = []  # (batch, queries, heads, head_dim) each, in query order
+    if schedule.head:
+        head = slice(0, schedule.head)
+        parts.append(run(query[:, :, head], key[:, :, head], value[:, :, head], is_causal=True).transpose(1, 2))
     for group in _groups(schedule.chunks, extra_count, key_bytes):
         first = group[0]
         if len(group) > 1:  # steady chunks: one call, the chunks side by side in the batch dimension
