@@ -25,6 +25,7 @@ where no query needs a mask (a full layer's prompt, a decode step that sees ever
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -140,13 +141,14 @@ def _schedule(rule: LayerRule, plan: Plan, chunk: int) -> _Schedule:
     return _Schedule(head, extra_slot, extra_pos, extra_prefix, tuple(chunks))
 
 
-MASK_MEMO_BYTES = 1 << 20  # masks kept per plan for the layers after the first (steady masks are always kept)
+MASK_MEMO_BYTES = 4 << 20  # masks kept per plan for the layers after the first (steady masks are always kept)
 
 
-def _mask(rule: LayerRule, plan: Plan, schedule: _Schedule, chunk: _Chunk) -> torch.Tensor:
-    """(batch, 1, queries, keys read) bool mask of one chunk: the extra keys', then the line's. Layers of one
-    rule share it: kept in the plan's memo, but for non-steady chunks past ``MASK_MEMO_BYTES``."""
-    memo_key = ("windowed mask", *rule.key(), *chunk.mask_key)
+def _mask(rule: LayerRule, plan: Plan, schedule: _Schedule, chunk: _Chunk, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, 1, queries, keys read) additive mask of one chunk, the extra keys' then the line's (additive: SDPA
+    would make a bool one so at every call). Layers of one rule share it: kept in the plan's memo, but for
+    non-steady chunks past ``MASK_MEMO_BYTES``."""
+    memo_key = ("windowed mask", *rule.key(), dtype, *chunk.mask_key)
     if memo_key in plan.memo:
         return plan.memo[memo_key]
     query_pos = plan.query_pos[:, chunk.start : chunk.stop, None]
@@ -158,7 +160,7 @@ def _mask(rule: LayerRule, plan: Plan, schedule: _Schedule, chunk: _Chunk) -> to
         seen = torch.cat([extra, seen & (line_pos >= sink_end(rule))], -1)
     if chunk.padded:  # a padding query sees nothing: any finite softmax will do, its output is zeroed
         seen = seen | (query_pos < 0)
-    mask = seen[:, None]
+    mask = torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, -math.inf)[:, None]
     kept = plan.memo.get("windowed mask bytes", 0)
     if chunk.mask_key[0] == "steady" or kept + mask.nbytes <= MASK_MEMO_BYTES:
         plan.memo[memo_key] = mask
@@ -196,13 +198,15 @@ def attend(
     run = functools.partial(F.scaled_dot_product_attention, dropout_p=dropout, scale=scaling, enable_gqa=True)
     key_bytes = query.shape[0] * key.shape[1] * (key.shape[3] + value.shape[3]) * key.element_size()
     parts = []  # (batch, queries, heads, head_dim) each, in query order
+    buffers = None if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)) else {}
     if schedule.head:
         head = slice(0, schedule.head)
         parts.append(run(query[:, :, head], key[:, :, head], value[:, :, head], is_causal=True).transpose(1, 2))
     for group in _groups(schedule.chunks, extra_count, key_bytes):
         first = group[0]
         if len(group) > 1:  # steady chunks: one call, the chunks side by side in the batch dimension
-            parts.append(_attend_steady(run, query, key, value, extras, group, _mask(rule, plan, schedule, first)))
+            mask = _mask(rule, plan, schedule, first, query.dtype)
+            parts.append(_attend_steady(run, query, key, value, extras, group, mask, buffers))
             continue
         queries = slice(first.start, first.stop)
         if first.lo == first.hi and not first.extra:  # no key to read: padding queries only
@@ -213,7 +217,7 @@ def attend(
             keys, values = key[:, :, : first.hi], value[:, :, : first.hi]
         elif first.extra:
             keys, values = torch.cat([extras[0], keys], 2), torch.cat([extras[1], values], 2)
-        part = run(query[:, :, queries], keys, values, attn_mask=_mask(rule, plan, schedule, first))
+        part = run(query[:, :, queries], keys, values, attn_mask=_mask(rule, plan, schedule, first, query.dtype))
         if first.padded:
             part = part * (plan.query_pos[:, None, queries, None] >= 0)
         parts.append(part.transpose(1, 2))
@@ -238,21 +242,29 @@ def _groups(chunks: tuple[_Chunk, ...], extra_count: int, key_bytes: int):
         yield group
 
 
-def _attend_steady(run, query, key, value, extras, group: list[_Chunk], mask: torch.Tensor) -> torch.Tensor:
+def _attend_steady(run, query, key, value, extras, group: list[_Chunk], mask: torch.Tensor,
+                   buffers: dict | None) -> torch.Tensor:
     """Steady chunks in one call, side by side in the batch dimension: each chunk's queries and line are the
     first's moved by a whole chunk, so the lines are one unfolded view of the cache, with the extra keys (the
-    sinks) copied in front of each; their masks are one, the same in every row. Returns (batch, queries, heads,
-    head_dim)."""
+    sinks) copied in front of each, into ``buffers`` when given (no gradient asked: the groups of a call reuse
+    them, where fresh memory would cost a page fault per 4 KiB); their masks are one, the same in every row.
+    Returns (batch, queries, heads, head_dim)."""
     first, count = group[0], len(group)
     size, width = first.stop - first.start, first.hi - first.lo
     batch, heads = query.shape[:2]
 
     def chunks_of(tensor: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
         lines = tensor[:, :, first.lo : first.lo + (count - 1) * size + width].unfold(2, width, size)
-        lines = lines.permute(0, 2, 1, 4, 3)  # (batch, chunk, kv_heads, width, head_dim)
-        if first.extra:
-            lines = torch.cat([extra[:, None].expand(-1, count, -1, -1, -1), lines], 3)
-        return lines.reshape(batch * count, tensor.shape[1], -1, tensor.shape[3])
+        lines = lines.transpose(3, 4)  # (batch, kv_heads, chunk, width, head_dim): a view of the cache
+        if first.extra:  # copied in the cache's order (kv_heads outermost): the fastest copy measured
+            shape = (batch, tensor.shape[1], count, extra.shape[2] + width, tensor.shape[3])
+            out = None
+            if buffers is not None:
+                if buffers.get(id(tensor), tensor.new_empty(0)).numel() < math.prod(shape):
+                    buffers[id(tensor)] = tensor.new_empty(math.prod(shape))
+                out = buffers[id(tensor)][: math.prod(shape)].view(shape)
+            lines = torch.cat([extra[:, :, None].expand(-1, -1, count, -1, -1), lines], 3, out=out)
+        return lines.transpose(1, 2).reshape(batch * count, tensor.shape[1], -1, tensor.shape[3])
 
     queries = query[:, :, first.start : first.start + count * size].unflatten(2, (count, size)).transpose(1, 2)
     output = run(queries.reshape(batch * count, heads, size, -1), chunks_of(key, extras[0]),
