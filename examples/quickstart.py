@@ -1,6 +1,6 @@
 """Quickstart: patch a model with SWAA, see what changes and what does not, generate, unpatch.
 
-Runs offline on the CPU with a tiny random Qwen3 model built from a config (about 8 s of CPU time). With a real model,
+Runs offline on the CPU with a tiny random Qwen3 model built from a config (about 7 s of CPU time). With a real model,
 replace the model line by ``AutoModelForCausalLM.from_pretrained("Qwen/Qwen3-4B-Instruct-2507")``. Random
 weights say nothing about accuracy (the paper measures that on real models): this shows the mechanics.
 """
