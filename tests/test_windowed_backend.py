@@ -54,10 +54,15 @@ def _run(case: Case):
 @pytest.mark.parametrize("case, chunk", KERNEL_CASES,
                          ids=lambda value: f"chunk{value}" if isinstance(value, int) else str(value))
 def test_output_and_gradients_equal_the_float64_reference(case, chunk, monkeypatch):
+    """With gradients (sinks copied beside each window) and without (sinks merged through the log-sum-exp)."""
     monkeypatch.setattr(windowed, "CHUNK", chunk)
     got, want = _run(case)
     for name, actual, wanted in zip(["output", "dq", "dk", "dv"], got, want):
         torch.testing.assert_close(actual, wanted, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
+    query, key, value, plan, _ = make_inputs(case)
+    with torch.no_grad():
+        output, _ = windowed.attend(query, key, value, rule=case.rule, plan=plan, scaling=case.head_dim**-0.5)
+    torch.testing.assert_close(output, want[0], rtol=1e-9, atol=1e-9)
 
 
 def test_an_off_by_one_window_is_caught(monkeypatch):
@@ -85,10 +90,12 @@ def test_the_cases_run_every_path(monkeypatch):
         steady = [c.mask_key for c in schedule.chunks if c.mask_key[0] == "steady"]
         seen.add("shared steady mask" if len(steady) > len(set(steady)) else None)
         groups = windowed._groups(schedule.chunks, schedule.extra_slot.shape[1], 1)
-        seen.add("steady chunks in one call" if any(len(group) > 1 for group in groups) else None)
+        seen.update("steady chunks in one call" + (", sinks merged" if group[0].extra else "")
+                    for group in groups if len(group) > 1)
         if any(c.extra for c in schedule.chunks):
             seen.add("extra keys in place" if schedule.extra_prefix else "extra keys gathered")
-    assert seen >= {"sdpa", "causal head", "shared steady mask", "steady chunks in one call", "extra keys in place",
+    assert seen >= {"sdpa", "causal head", "shared steady mask", "steady chunks in one call",
+                    "steady chunks in one call, sinks merged", "extra keys in place",
                     "extra keys gathered"}
 
 

@@ -198,7 +198,7 @@ def attend(
     run = functools.partial(F.scaled_dot_product_attention, dropout_p=dropout, scale=scaling, enable_gqa=True)
     key_bytes = query.shape[0] * key.shape[1] * (key.shape[3] + value.shape[3]) * key.element_size()
     parts = []  # (batch, queries, heads, head_dim) each, in query order
-    buffers = None if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)) else {}
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if schedule.head:
         head = slice(0, schedule.head)
         parts.append(run(query[:, :, head], key[:, :, head], value[:, :, head], is_causal=True).transpose(1, 2))
@@ -206,7 +206,7 @@ def attend(
         first = group[0]
         if len(group) > 1:  # steady chunks: one call, the chunks side by side in the batch dimension
             mask = _mask(rule, plan, schedule, first, query.dtype)
-            parts.append(_attend_steady(run, query, key, value, extras, group, mask, buffers))
+            parts.append(_attend_steady(run, query, key, value, extras, group, mask, grad))
             continue
         queries = slice(first.start, first.stop)
         if first.lo == first.hi and not first.extra:  # no key to read: padding queries only
@@ -243,32 +243,44 @@ def _groups(chunks: tuple[_Chunk, ...], extra_count: int, key_bytes: int):
 
 
 def _attend_steady(run, query, key, value, extras, group: list[_Chunk], mask: torch.Tensor,
-                   buffers: dict | None) -> torch.Tensor:
+                   grad: bool) -> torch.Tensor:
     """Steady chunks in one call, side by side in the batch dimension: each chunk's queries and line are the
-    first's moved by a whole chunk, so the lines are one unfolded view of the cache, with the extra keys (the
-    sinks) copied in front of each, into ``buffers`` when given (no gradient asked: the groups of a call reuse
-    them, where fresh memory would cost a page fault per 4 KiB); their masks are one, the same in every row.
-    Returns (batch, queries, heads, head_dim)."""
+    first's moved by a whole chunk, so the lines are one unfolded view of the cache; their masks are one, the
+    same in every row. Every query sees every extra key (the sinks). Without gradients, the sinks are a second
+    call merged through the log-sum-exp, as ``flash.py`` merges them (no copy of the cache); with them (autograd
+    has no gradient for the kernel's log-sum-exp), the sinks are copied in front of each chunk's line. Returns
+    (batch, queries, heads, head_dim)."""
     first, count = group[0], len(group)
     size, width = first.stop - first.start, first.hi - first.lo
     batch, heads = query.shape[:2]
-
-    def chunks_of(tensor: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
-        lines = tensor[:, :, first.lo : first.lo + (count - 1) * size + width].unfold(2, width, size)
-        lines = lines.transpose(3, 4)  # (batch, kv_heads, chunk, width, head_dim): a view of the cache
-        if first.extra:  # copied in the cache's order (kv_heads outermost): the fastest copy measured
-            shape = (batch, tensor.shape[1], count, extra.shape[2] + width, tensor.shape[3])
-            out = None
-            if buffers is not None:
-                if buffers.get(id(tensor), tensor.new_empty(0)).numel() < math.prod(shape):
-                    buffers[id(tensor)] = tensor.new_empty(math.prod(shape))
-                out = buffers[id(tensor)][: math.prod(shape)].view(shape)
-            lines = torch.cat([extra[:, :, None].expand(-1, -1, count, -1, -1), lines], 3, out=out)
-        return lines.transpose(1, 2).reshape(batch * count, tensor.shape[1], -1, tensor.shape[3])
-
     queries = query[:, :, first.start : first.start + count * size].unflatten(2, (count, size)).transpose(1, 2)
-    output = run(queries.reshape(batch * count, heads, size, -1), chunks_of(key, extras[0]),
-                 chunks_of(value, extras[1]), attn_mask=mask[:1])
+    queries = queries.reshape(batch * count, heads, size, -1)
+
+    def per_chunk(tensor: torch.Tensor) -> torch.Tensor:  # (batch, kv_heads, chunk, n, head_dim) -> batch * chunk
+        return tensor.transpose(1, 2).reshape(batch * count, tensor.shape[1], -1, tensor.shape[4])
+
+    def lines_of(tensor: torch.Tensor) -> torch.Tensor:  # a view of the cache
+        return tensor[:, :, first.lo : first.lo + (count - 1) * size + width].unfold(2, width, size).transpose(3, 4)
+
+    def extras_of(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[:, :, None].expand(-1, -1, count, -1, -1)
+
+    if not first.extra:
+        output = run(queries, per_chunk(lines_of(key)), per_chunk(lines_of(value)), attn_mask=mask[:1])
+    elif grad:  # copied in the cache's order (kv_heads outermost): the fastest copy measured
+        keys, values = (per_chunk(torch.cat([extras_of(extra), lines_of(tensor)], 3))
+                        for extra, tensor in zip(extras, (key, value)))
+        output = run(queries, keys, values, attn_mask=mask[:1])
+    else:
+        flash = functools.partial(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+                                  dropout_p=run.keywords["dropout_p"], scale=run.keywords["scale"])
+        sink_count = extras[0].shape[2]
+        line, line_lse = flash(queries, per_chunk(lines_of(key)), per_chunk(lines_of(value)),
+                               attn_mask=mask[:1, :, :, sink_count:])
+        sink, sink_lse = flash(queries, per_chunk(extras_of(extras[0])), per_chunk(extras_of(extras[1])))
+        wide = torch.promote_types(line.dtype, torch.float32)
+        sink_share = torch.sigmoid(sink_lse - line_lse)[..., None].to(wide)  # exp(sink) / (exp(line) + exp(sink))
+        output = torch.lerp(line.to(wide), sink.to(wide), sink_share).to(line.dtype)
     return output.transpose(1, 2).reshape(batch, count * size, heads, -1)
 
 
