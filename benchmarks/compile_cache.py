@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -53,6 +54,8 @@ def run_all(args) -> list[dict]:
     rows = []
     for mode in args.modes:
         caches = folder / ("second" if mode == "load" else "first")  # load: folders nothing wrote before
+        if mode in ("cold", "load"):  # empty, also when the script ran before with the same --dir
+            shutil.rmtree(caches, ignore_errors=True)
         env = {**os.environ, **cache_env(caches)}
         command = [sys.executable, __file__, "--mode", mode, "--dir", str(folder), "--length", str(args.length),
                    "--out", args.out, *(["--smoke"] if args.smoke else [])]
