@@ -7,7 +7,8 @@ configs; decoding (``--decode``): time per output token of ``generate`` at each 
 path a user could take (unpatched eager, unpatched static cache + compiled decode, transformers' native
 sliding window static + compiled, each SWAA config eager and static + compiled), beside its floor (bytes of
 weights and of the keys and values a token may see, over the copy bandwidth measured in the same run); and
-end to end (``--e2e``): the total time of ``generate`` for a long prompt and many new tokens. Prints
+end to end (``--e2e``): the total time of ``generate`` for a long prompt and many new tokens; a batch job
+(``--batched``): tokens per second over many left-padded prompts, each path at the largest batch that fits. Prints
 markdown last, writes JSON and a PNG plot. ``--smoke`` runs a tiny model on the CPU in seconds, to keep
 this script working.
 """
