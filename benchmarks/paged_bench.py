@@ -49,13 +49,13 @@ def paged_cache(requests: int, length: int, dtype):
     """Random keys/values of ``requests`` requests of ``length`` tokens in shuffled blocks; and the same keys
     contiguous (requests, kv_heads, length, d) for the unpaged rows."""
     per = -(-length // BLOCK)
-    key_cache = torch.randn(requests * per, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=dtype)
+    key_cache = torch.randn(requests * per, KV_HEADS, BLOCK, HEAD_DIM, device="cuda", dtype=dtype)
     value_cache = torch.randn_like(key_cache)
     block_table = torch.randperm(requests * per, device="cuda").int().reshape(requests, per)
     token = torch.arange(length, device="cuda")
     blocks = block_table[:, token // BLOCK].long()
-    key = key_cache[blocks, token % BLOCK].transpose(1, 2).contiguous()
-    value = value_cache[blocks, token % BLOCK].transpose(1, 2).contiguous()
+    key = key_cache[blocks, :, token % BLOCK].transpose(1, 2).contiguous()  # (requests, kv_heads, length, d)
+    value = value_cache[blocks, :, token % BLOCK].transpose(1, 2).contiguous()
     return key_cache, value_cache, block_table, key, value
 
 
