@@ -34,6 +34,7 @@ import dataclasses
 import logging
 import os
 import tempfile
+import uuid
 
 import torch
 from vllm.config import get_current_vllm_config
@@ -132,9 +133,9 @@ def _create_engine_config(original, engine_args, *args, **kwargs):
         # vLLM passes prompt lengths to attention when rswa_window is set; only the architecture config is set,
         # so that no model class builds R-SWA layers (which free KV blocks) from hf_config.rswa_window
         model_config.model_arch_config = dataclasses.replace(model_config.model_arch_config, rswa_window=1)
-    handle, path = tempfile.mkstemp(prefix="swaa-vllm-refusal-")
-    os.close(handle)
-    setattr(model_config.hf_config, REFUSAL_FILE, path)
+    # created only by a worker that refuses; the front end reads and removes it (``_engine_init``)
+    setattr(model_config.hf_config, REFUSAL_FILE, os.path.join(tempfile.gettempdir(),
+                                                               f"swaa-vllm-refusal-{uuid.uuid4().hex}"))
     logger.info("serving config.swaa: %d layers", len(rules))
     return config
 
