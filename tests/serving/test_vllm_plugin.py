@@ -227,22 +227,25 @@ def test_layers_vllm_attends_outside_swaa_are_refused_in_the_users_exception(tmp
 
 
 @pytest.mark.parametrize("feature", ["alibi_slopes", "logits_soft_cap", "sinks"])
-def test_attention_features_swaa_cannot_carry_are_refused(models, feature):
-    """vLLM's CPU attention takes alibi, soft-capping and learned sinks, which swaa's attention would drop."""
+def test_attention_features_swaa_cannot_carry_are_refused(models, feature, tmp_path):
+    """vLLM's CPU attention takes alibi, soft-capping and learned sinks, which swaa's attention would drop. The
+    refusal is also left where the front end reads it."""
     from vllm.config import set_current_vllm_config
     from vllm.engine.arg_utils import EngineArgs
 
-    from swaa.serving.vllm_adapter import SWAACPUImpl
+    from swaa.serving.vllm_adapter import REFUSAL_FILE, SWAACPUImpl
 
     config = EngineArgs(model=models["fa_decode"], dtype="float32", enforce_eager=True,
                         max_model_len=512).create_engine_config()
+    setattr(config.model_config.hf_config, REFUSAL_FILE, str(tmp_path / "refusal"))
     value = {"alibi_slopes": [0.5] * 4, "logits_soft_cap": 30.0, "sinks": torch.zeros(4)}[feature]
     arguments = dict(num_heads=4, head_size=32, scale=1.0, num_kv_heads=2, alibi_slopes=None, sliding_window=None,
                      kv_cache_dtype="auto")
     with set_current_vllm_config(config):
         SWAACPUImpl(**arguments)  # without the feature: accepted
-        with pytest.raises(ValueError, match="which swaa's rule does not carry"):
+        with pytest.raises(ValueError, match="which swaa's rule does not carry") as refusal:
             SWAACPUImpl(**{**arguments, feature: value})
+    assert (tmp_path / "refusal").read_text() == str(refusal.value)
 
 
 def test_prompt_lengths_do_not_turn_on_a_models_own_rswa_layers(models):
