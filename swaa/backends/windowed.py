@@ -25,7 +25,6 @@ where no query needs a mask (a full layer's prompt, a decode step that sees ever
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -129,7 +128,8 @@ def _schedule(rule: LayerRule, plan: Plan, chunk: int) -> _Schedule:
     all_sinks = held == 0 and bool(on_line.all()) and sinks.numel() == sink_end(rule)
     steady = ~padding & ~whole & (first >= sink_end(rule)) & after_previous & all_sinks
     real_before = F.pad(real.long().cumsum(-1), (1, 0))  # (batch, kv_len + 1)
-    line_real = real_before[:, chunk_hi] - real_before[:, chunk_lo] == torch.tensor(chunk_hi) - torch.tensor(chunk_lo)
+    line_length = torch.tensor(chunk_hi, device=device) - torch.tensor(chunk_lo, device=device)
+    line_real = real_before[:, chunk_hi] - real_before[:, chunk_lo] == line_length
     chunks = []
     for start, low, high, padded, is_steady, all_real in zip(
         range(head, q_len, chunk), chunk_lo, chunk_hi, _per_chunk(padding, head, chunk, False, torch.any),
@@ -141,14 +141,14 @@ def _schedule(rule: LayerRule, plan: Plan, chunk: int) -> _Schedule:
     return _Schedule(head, extra_slot, extra_pos, extra_prefix, tuple(chunks))
 
 
-MASK_MEMO_BYTES = 4 << 20  # masks kept per plan for the layers after the first (steady masks are always kept)
+MASK_MEMO_BYTES = 256 << 10  # masks kept per plan for the next layers: decode steps' (steady masks are always kept)
 
 
-def _mask(rule: LayerRule, plan: Plan, schedule: _Schedule, chunk: _Chunk, dtype: torch.dtype) -> torch.Tensor:
-    """(batch, 1, queries, keys read) additive mask of one chunk, the extra keys' then the line's (additive: SDPA
-    would make a bool one so at every call). Layers of one rule share it: kept in the plan's memo, but for
-    non-steady chunks past ``MASK_MEMO_BYTES``."""
-    memo_key = ("windowed mask", *rule.key(), dtype, *chunk.mask_key)
+def _mask(rule: LayerRule, plan: Plan, schedule: _Schedule, chunk: _Chunk) -> torch.Tensor:
+    """(batch, 1, queries, keys read) bool mask of one chunk, the extra keys' then the line's. Layers of one rule
+    share it: kept in the plan's memo, but for non-steady chunks past ``MASK_MEMO_BYTES``. Bool, a quarter of an
+    additive mask's bytes: it outlives the layer, the additive one SDPA makes of it does not."""
+    memo_key = ("windowed mask", *rule.key(), *chunk.mask_key)
     if memo_key in plan.memo:
         return plan.memo[memo_key]
     query_pos = plan.query_pos[:, chunk.start : chunk.stop, None]
@@ -160,7 +160,7 @@ def _mask(rule: LayerRule, plan: Plan, schedule: _Schedule, chunk: _Chunk, dtype
         seen = torch.cat([extra, seen & (line_pos >= sink_end(rule))], -1)
     if chunk.padded:  # a padding query sees nothing: any finite softmax will do, its output is zeroed
         seen = seen | (query_pos < 0)
-    mask = torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, -math.inf)[:, None]
+    mask = seen[:, None]
     kept = plan.memo.get("windowed mask bytes", 0)
     if chunk.mask_key[0] == "steady" or kept + mask.nbytes <= MASK_MEMO_BYTES:
         plan.memo[memo_key] = mask
@@ -205,7 +205,7 @@ def attend(
     for group in _groups(schedule.chunks, extra_count, key_bytes):
         first = group[0]
         if len(group) > 1:  # steady chunks: one call, the chunks side by side in the batch dimension
-            mask = _mask(rule, plan, schedule, first, query.dtype)
+            mask = _mask(rule, plan, schedule, first)
             parts.append(_attend_steady(run, query, key, value, extras, group, mask, grad))
             continue
         queries = slice(first.start, first.stop)
@@ -217,7 +217,7 @@ def attend(
             keys, values = key[:, :, : first.hi], value[:, :, : first.hi]
         elif first.extra:
             keys, values = torch.cat([extras[0], keys], 2), torch.cat([extras[1], values], 2)
-        part = run(query[:, :, queries], keys, values, attn_mask=_mask(rule, plan, schedule, first, query.dtype))
+        part = run(query[:, :, queries], keys, values, attn_mask=_mask(rule, plan, schedule, first))
         if first.padded:
             part = part * (plan.query_pos[:, None, queries, None] >= 0)
         parts.append(part.transpose(1, 2))
@@ -275,8 +275,9 @@ def _attend_steady(run, query, key, value, extras, group: list[_Chunk], mask: to
         flash = functools.partial(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
                                   dropout_p=run.keywords["dropout_p"], scale=run.keywords["scale"])
         sink_count = extras[0].shape[2]
-        line, line_lse = flash(queries, per_chunk(lines_of(key)), per_chunk(lines_of(value)),
-                               attn_mask=mask[:1, :, :, sink_count:])
+        line_mask = mask[:1, :, :, sink_count:]  # the kernel itself takes additive masks only
+        line_mask = torch.zeros(line_mask.shape, dtype=query.dtype).masked_fill_(~line_mask, float("-inf"))
+        line, line_lse = flash(queries, per_chunk(lines_of(key)), per_chunk(lines_of(value)), attn_mask=line_mask)
         sink, sink_lse = flash(queries, per_chunk(extras_of(extras[0])), per_chunk(extras_of(extras[1])))
         wide = torch.promote_types(line.dtype, torch.float32)
         sink_share = torch.sigmoid(sink_lse - line_lse)[..., None].to(wide)  # exp(sink) / (exp(line) + exp(sink))
