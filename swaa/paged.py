@@ -12,7 +12,10 @@ Queries are attended in groups, each over the cache blocks that hold the keys it
 (``_visible_blocks``), copied whole through the block table, with the rule's mask (``swaa.rules.visible``) over those
 keys only, on PyTorch's fused attention (``scaled_dot_product_attention``):
 
-- the requests that bring one query (decode steps) in one batched call, their blocks padded to the longest;
+- a decode step that sees every key (FA decode, a full-attention layer), on the CPU: its request's keys read in
+  place, no copy, one CPU flash-kernel call per run of consecutive cache blocks, the runs merged through their
+  log-sum-exps (``_attend_every_key``; a table broken into more than ``MAX_RUNS`` runs is copied once);
+- the other requests that bring one query (decode steps) in one batched call, their blocks padded to the longest;
 - a request that brings several (a prompt, or a prompt chunk) in tiles of ``tile`` queries: an SWA tile reads the
   sinks' blocks and the blocks from its first query's window start to its last query, about
   ``sink + window + tile + 2 x block_size`` keys; SWA tiles of every request go in one batched call.
@@ -29,6 +32,8 @@ from torch.nn.utils.rnn import pad_sequence
 from .rules import LayerRule, sees_whole_prefix, visible, window_start
 
 TILE = 256  # queries per group of a request with many new tokens
+_cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # (output, log-sum-exp)
+MAX_RUNS = 8  # a decode step over a block table broken into more runs copies the request's blocks once
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -63,6 +68,9 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
             group = (request, lo, hi, positions, blocks)
             if not everything:
                 windowed.append(group)
+            elif hi - lo == 1 and query.device.type == "cpu":  # a decode step seeing every key: keys read in place
+                output[lo] = _attend_every_key(query[lo], key_cache, value_cache, block_table[request], seq_len,
+                                               scaling)
             elif hi - lo == 1:
                 whole.append(group)  # decode steps seeing every key: one call
             else:  # a tile seeing every key: alone (padding tiles to the longest would double causal work)
@@ -113,3 +121,33 @@ def _attend_groups(rule: LayerRule, groups: list, query: torch.Tensor, key_cache
     out = F.scaled_dot_product_attention(queries.transpose(1, 2), key, value, attn_mask=mask[:, None], scale=scaling,
                                          enable_gqa=query.shape[1] != key.shape[1])
     output[rows] = out.transpose(1, 2)[real]
+
+
+def _attend_every_key(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      blocks: torch.Tensor, seq_len: int, scaling: float) -> torch.Tensor:
+    """One query (heads, head_dim) over every key of its request, the ``seq_len`` keys in cache blocks ``blocks``
+    (the request's block-table row), read in place: each run of consecutive cache blocks is one view of the cache
+    (a fresh engine hands a request consecutive blocks), the blocks of a table broken into more than ``MAX_RUNS``
+    runs are copied once, and the last block's written slots are a view of their own. Each piece is one call of
+    PyTorch's CPU flash kernel, a batch of blocks (batch: block, heads: kv heads, queries: the query's heads of
+    that kv head), whose log-sum-exps merge the blocks' outputs exactly."""
+    kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
+    whole_blocks = seq_len // block_size
+    physical = blocks[:whole_blocks].long()
+    breaks = [0, *((physical[1:] != physical[:-1] + 1).nonzero()[:, 0] + 1).tolist(), whole_blocks]
+    if len(breaks) - 1 > MAX_RUNS:
+        pieces = [(key_cache[physical], value_cache[physical])]
+    else:
+        starts = [int(physical[first]) for first in breaks[:-1] if first < whole_blocks]
+        pieces = [(key_cache[start : start + end - first], value_cache[start : start + end - first])
+                  for start, first, end in zip(starts, breaks, breaks[1:])]
+    if seq_len % block_size:
+        last = int(blocks[whole_blocks])
+        pieces.append((key_cache[last : last + 1, :, : seq_len % block_size],
+                       value_cache[last : last + 1, :, : seq_len % block_size]))
+    grouped = query.view(kv_heads, -1, query.shape[-1])  # (kv_heads, query heads per kv head, head_dim)
+    outputs, lses = zip(*(_cpu_flash(
+        grouped.expand(len(key), *grouped.shape), key.to(query.dtype), value.to(query.dtype), scale=scaling)
+        for key, value in pieces))
+    weights = torch.cat(lses).softmax(dim=0)  # (blocks, kv_heads, heads per kv head): each block's share
+    return (torch.cat(outputs) * weights[..., None]).sum(0).flatten(0, 1).to(query.dtype)

@@ -30,11 +30,13 @@ class PagedCase:
     heads: int = 4
     kv_heads: int = 2
     head_dim: int = 32
+    run: int = 1  # the cache's blocks lie shuffled in runs of this many consecutive blocks (1: each anywhere)
 
     def __str__(self):
         rule = self.rule
         rule = "full" if rule.is_full else f"w{rule.window}s{rule.sink}{'d' if rule.fa_decode else ''}"
-        return f"{rule}-b{self.block_size}-" + "_".join(f"{r.seq_len}n{r.new}p{r.prompt_len}" for r in self.requests)
+        run = f"-r{self.run}" if self.run != 1 else ""
+        return f"{rule}-b{self.block_size}{run}-" + "_".join(f"{r.seq_len}n{r.new}p{r.prompt_len}" for r in self.requests)
 
 
 def make_inputs(case: PagedCase, device="cpu", dtype=torch.float32, seed=0):
@@ -43,7 +45,8 @@ def make_inputs(case: PagedCase, device="cpu", dtype=torch.float32, seed=0):
     generator = torch.Generator().manual_seed(seed)
     per_request = [-(-r.seq_len // case.block_size) for r in case.requests]
     num_blocks = sum(per_request) + 3  # a few blocks no request owns
-    order = torch.randperm(num_blocks, generator=generator)
+    runs = torch.arange(num_blocks).split(case.run)  # requests take the blocks in this order, run after run
+    order = torch.cat([runs[index] for index in torch.randperm(len(runs), generator=generator)])
     key_cache = torch.randn(num_blocks, case.kv_heads, case.block_size, case.head_dim, generator=generator)
     value_cache = torch.randn(num_blocks, case.kv_heads, case.block_size, case.head_dim, generator=generator)
     block_table = torch.zeros(len(case.requests), max(per_request) + 1, dtype=torch.int32)
@@ -85,6 +88,14 @@ def _grid() -> list[PagedCase]:
     decode_only = (Request(33, 1, 20), Request(200, 1, 200), Request(9, 1, 9))
     cases += [PagedCase(decode_only, LayerRule(16, 4, fa)) for fa in (True, False)]
     cases.append(PagedCase((Request(5, 5, 5),), LayerRule(16, 8, True), heads=4, kv_heads=4))  # all inside the sinks
+    # decode steps that see every key, read in place: block tables in shuffled blocks (many runs: one copy), in runs
+    # of 3 consecutive blocks (partly contiguous), wholly consecutive (a fresh engine's); last blocks partly written,
+    # full or the only block; among prompt chunks
+    long_decodes = (Request(200, 1, 150), Request(256, 1, 100), Request(9, 1, 5), Request(70, 70, 70),
+                    Request(61, 20, 50), Request(300, 1, 300))
+    cases += [PagedCase(long_decodes, rule, block_size, run=run) for rule in (LayerRule(16, 4, True), LayerRule(None))
+              for block_size in (16, 32) for run in (1, 3, 1000)]
+    cases.append(PagedCase(long_decodes, LayerRule(16, 4, True), heads=8, kv_heads=1, run=1000))
     return cases
 
 
