@@ -17,9 +17,11 @@ Which keys a chunk reads, from the plan's positions (``_schedule``: once per for
 
 Layers of one rule share each chunk's mask, and the steady chunks of a long prompt (every query windowed past
 the sinks, no padding, the same shape) share one: past the sinks the rule depends on ``query - key`` only. They
-also run side by side in one SDPA call (``_attend_steady``): a few calls a layer, not one a chunk. Calls
+also run side by side in one SDPA call over an unfolded view of the cache (``_attend_steady``), the sinks merged
+in through the log-sum-exp when no gradient is asked: a few calls a layer, no copy of the cache. A prompt's first
+window (queries that see their whole prefix) is one causal call with no mask. Calls
 where no query needs a mask (a full layer's prompt, a decode step that sees every key, on plain rows) run
-``sdpa.attend``, the call an unpatched model makes. Gradients are autograd's through SDPA, slices and ``cat``.
+``sdpa.attend``, the call an unpatched model makes. Gradients are autograd's through SDPA, views and ``cat``.
 """
 
 from __future__ import annotations
