@@ -441,9 +441,10 @@ def test_early_exit_drafts_with_the_first_layers_and_equals_greedy(fields):
     unpatched = _failure(lambda: rejected(tiny_model("qwen3")))
     model = swaa.patch_model(tiny_model("qwen3"), **fields)
     failure = _failure(lambda: rejected(model))
-    if failure:  # transformers 5.17 crops the layers the draft never wrote (None): its own early exit fails
-        assert failure == unpatched  # and fails alike patched (a bounded cache of swaa's may run it instead)
+    if unpatched:  # transformers 5.17 crops the layers the draft never wrote (None): its own early exit fails
+        assert failure in (unpatched, None)  # and fails alike patched, or swaa's bounded cache runs that prompt
         return
+    assert failure is None
     ids, mask = left_padded([9], total=9, seed=53)
     assert_same_steps(generate(model, ids, mask, assistant_early_exit=2), generate(model, ids, mask))
 
