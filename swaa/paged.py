@@ -25,6 +25,8 @@ So an SWA prompt of n tokens costs about n x (sink + window + tile + 2 x block_s
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
@@ -127,26 +129,30 @@ def _attend_every_key(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                       blocks: torch.Tensor, seq_len: int, scaling: float) -> torch.Tensor:
     """One query (heads, head_dim) over every key of its request, the ``seq_len`` keys in cache blocks ``blocks``
     (the request's block-table row), read in place: each run of consecutive cache blocks is one view of the cache
-    (a fresh engine hands a request consecutive blocks: one run), and the blocks of a table broken into more than
-    ``MAX_RUNS`` runs are copied once. Each piece is one call of PyTorch's CPU flash kernel over a batch of blocks
+    (blocks sorted first: a fresh engine hands a request consecutive blocks, a used one in descending order: one
+    run either way), and the blocks of a table broken into more than ``MAX_RUNS`` runs are copied once. Each piece is one call of PyTorch's CPU flash kernel over a batch of blocks
     (batch: block, heads: kv heads, queries: the query's heads of that kv head), the last block's unwritten slots
     masked; the blocks' log-sum-exps merge their outputs exactly."""
     kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
     physical = blocks[: -(-seq_len // block_size)].long()
-    breaks = [0, *((physical[1:] != physical[:-1] + 1).nonzero()[:, 0] + 1).tolist(), len(physical)]
-    if len(breaks) - 1 > MAX_RUNS:
-        pieces = [(key_cache[physical], value_cache[physical])]
+    ordered, order = physical.sort()  # a query attends to its keys as a set: the blocks in any order serve
+    runs = [0, *((ordered[1:] != ordered[:-1] + 1).nonzero()[:, 0] + 1).tolist(), len(ordered)]
+    if len(runs) - 1 > MAX_RUNS:
+        runs = [0, len(ordered)]
+        pieces = [(key_cache[ordered], value_cache[ordered])]
     else:
-        starts = [int(physical[first]) for first in breaks[:-1]]
+        starts = [int(ordered[first]) for first in runs[:-1]]
         pieces = [(key_cache[start : start + end - first], value_cache[start : start + end - first])
-                  for start, first, end in zip(starts, breaks, breaks[1:])]
-    unwritten = torch.arange(block_size) >= seq_len - (len(physical) - 1) * block_size  # the last block's slots
-    last_mask = query.new_zeros(len(pieces[-1][0]), 1, 1, block_size)
-    last_mask[-1, ..., unwritten] = float("-inf")
+                  for start, first, end in zip(starts, runs, runs[1:])]
+    last = int((order == len(physical) - 1).nonzero())  # the last, partly written block's place in ``ordered``
+    last_piece = bisect.bisect_right(runs, last) - 1
+    last_mask = query.new_zeros(len(pieces[last_piece][0]), 1, 1, block_size)
+    last_mask[last - runs[last_piece], ..., torch.arange(block_size) >= seq_len - (len(physical) - 1) * block_size] \
+        = float("-inf")
     grouped = query.view(kv_heads, -1, query.shape[-1])  # (kv_heads, query heads per kv head, head_dim)
     outputs, lses = zip(*(_cpu_flash(grouped.expand(len(key), *grouped.shape), key.to(query.dtype),
                                      value.to(query.dtype), scale=scaling,
-                                     attn_mask=last_mask if index == len(pieces) - 1 else None)
+                                     attn_mask=last_mask if index == last_piece else None)
                           for index, (key, value) in enumerate(pieces)))
     weights = torch.cat(lses).softmax(dim=0)  # (blocks, kv_heads, heads per kv head): each block's share
     return (torch.cat(outputs) * weights[..., None]).sum(0).flatten(0, 1).to(query.dtype)

@@ -31,11 +31,12 @@ class PagedCase:
     kv_heads: int = 2
     head_dim: int = 32
     run: int = 1  # the cache's blocks lie shuffled in runs of this many consecutive blocks (1: each anywhere)
+    descending: bool = False  # requests take the blocks in descending order (a used vLLM engine's free list)
 
     def __str__(self):
         rule = self.rule
         rule = "full" if rule.is_full else f"w{rule.window}s{rule.sink}{'d' if rule.fa_decode else ''}"
-        run = f"-r{self.run}" if self.run != 1 else ""
+        run = (f"-r{self.run}" if self.run != 1 else "") + ("-desc" if self.descending else "")
         return f"{rule}-b{self.block_size}{run}-" + "_".join(f"{r.seq_len}n{r.new}p{r.prompt_len}" for r in self.requests)
 
 
@@ -47,6 +48,7 @@ def make_inputs(case: PagedCase, device="cpu", dtype=torch.float32, seed=0):
     num_blocks = sum(per_request) + 3  # a few blocks no request owns
     runs = torch.arange(num_blocks).split(case.run)  # requests take the blocks in this order, run after run
     order = torch.cat([runs[index] for index in torch.randperm(len(runs), generator=generator)])
+    order = order.flip(0) if case.descending else order
     key_cache = torch.randn(num_blocks, case.kv_heads, case.block_size, case.head_dim, generator=generator)
     value_cache = torch.randn(num_blocks, case.kv_heads, case.block_size, case.head_dim, generator=generator)
     block_table = torch.zeros(len(case.requests), max(per_request) + 1, dtype=torch.int32)
@@ -96,6 +98,8 @@ def _grid() -> list[PagedCase]:
     cases += [PagedCase(long_decodes, rule, block_size, run=run) for rule in (LayerRule(16, 4, True), LayerRule(None))
               for block_size in (16, 32) for run in (1, 3, 1000)]
     cases.append(PagedCase(long_decodes, LayerRule(16, 4, True), heads=8, kv_heads=1, run=1000))
+    cases += [PagedCase(long_decodes, rule, run=1000, descending=True) for rule in (LayerRule(16, 4, True),
+                                                                                      LayerRule(None))]
     return cases
 
 

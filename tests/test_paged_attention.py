@@ -38,23 +38,25 @@ def test_small_tiles_read_only_the_window_and_sinks(monkeypatch):
     assert len(reads) == 50 and reads[0] == 1 and max(reads) <= 5
 
 
-@pytest.mark.parametrize("run", [1000, 3, 1])
-def test_decode_steps_seeing_every_key_read_the_cache_in_place(monkeypatch, run):
-    """A decode step that sees every key reads its request's runs of consecutive cache blocks as views of the cache
-    (one kernel call per run); a table broken into more runs than MAX_RUNS is copied once. Request: 300 tokens in
-    19 blocks of 16, the last one partly written (masked)."""
+@pytest.mark.parametrize("run, descending, max_runs", [(1000, False, 8), (1000, True, 8), (3, False, 8),
+                                                     (3, False, 1)])
+def test_decode_steps_seeing_every_key_read_the_cache_in_place(monkeypatch, run, descending, max_runs):
+    """A decode step that sees every key reads its request's runs of consecutive cache blocks (in any order) as
+    views of the cache, one kernel call per run; a table broken into more runs than MAX_RUNS is copied once.
+    Request: 300 tokens in 19 blocks of 16, the last one partly written (masked)."""
     from swaa import paged
 
     calls = []
     flash = paged._cpu_flash
     monkeypatch.setattr(paged, "_cpu_flash", lambda q, k, v, **kw: calls.append(k) or flash(q, k, v, **kw))
-    case = PagedCase((Request(300, 1, 200),), LayerRule(16, 4, True), run=run)
+    monkeypatch.setattr(paged, "MAX_RUNS", max_runs)
+    case = PagedCase((Request(300, 1, 200),), LayerRule(16, 4, True), run=run, descending=descending)
     inputs, expected, plain = make_inputs(case)
     output = paged_attention(**inputs, rule=case.rule, scaling=case.head_dim**-0.5)
     assert error(output, expected) <= 2 * error(plain, expected) + 1e-7
-    table = inputs["block_table"][0, :19].tolist()
+    table = sorted(inputs["block_table"][0, :19].tolist())
     runs = 1 + sum(b != a + 1 for a, b in zip(table, table[1:]))
     in_place = [k.untyped_storage().data_ptr() == inputs["key_cache"].untyped_storage().data_ptr() for k in calls]
     assert sum(len(k) for k in calls) == 19
-    assert in_place == ([True] * runs if runs <= paged.MAX_RUNS else [False])
-    assert (runs == 1) == (run == 1000) and (runs <= paged.MAX_RUNS) == (run != 1)
+    assert in_place == ([True] * runs if runs <= max_runs else [False])
+    assert (runs == 1) == (run == 1000) and (runs <= max_runs) == (max_runs > 1)
