@@ -92,7 +92,8 @@ def _schedule(rule: LayerRule, plan: Plan, chunk: int) -> _Schedule:
     held = int(torch.where(real & (shift != offset), slot + 1, 0).amax()) if kv_len else 0
 
     # the extra keys: the held slots, and the sinks on the line (those found in some row)
-    sinks = torch.arange(sink_end(rule), device=device)
+    sink_count = min(sink_end(rule), int(key_pos.max()) + 1)  # sinks no key reaches are none to look for
+    sinks = torch.arange(sink_count, device=device)
     sink_slot = offset + sinks  # (batch, sink): where each sink sits if it is on the line
     on_line = (sink_slot >= held) & (sink_slot < kv_len)
     on_line &= key_pos.gather(1, sink_slot.clamp(0, max(kv_len - 1, 0))) == sinks
@@ -127,7 +128,7 @@ def _schedule(rule: LayerRule, plan: Plan, chunk: int) -> _Schedule:
     # line against the queries alone: past the sinks the rule depends on query - key only.
     after_previous = F.pad(query_pos[:, 1:] - query_pos[:, :-1] == 1, (1, 0), value=True)
     after_previous[:, head::chunk] = True  # a chunk's first query
-    all_sinks = held == 0 and bool(on_line.all()) and sinks.numel() == sink_end(rule)
+    all_sinks = held == 0 and bool(on_line.all()) and sinks.numel() == sink_count
     steady = ~padding & ~whole & (first >= sink_end(rule)) & after_previous & all_sinks
     real_before = F.pad(real.long().cumsum(-1), (1, 0))  # (batch, kv_len + 1)
     line_length = torch.tensor(chunk_hi, device=device) - torch.tensor(chunk_lo, device=device)
