@@ -34,7 +34,7 @@ def refuses(call: Call) -> str | None:
 
 def _unavailable(device: torch.device) -> str | None:
     if device.type != "cuda":
-        return "auto's path on the CPU is the reference's masked call for every call (docs/performance.md)"
+        return "on the CPU auto's path is 'windowed', which makes this call itself where no mask is needed"
     return None
 
 
