@@ -1,8 +1,9 @@
 """swaa's vLLM plugin against plain vLLM on the same weights (vLLM's CPU build): prefill and decode throughput.
 
-    python benchmarks/vllm_bench.py [--quick] [--out vllm_bench.json]
+    python benchmarks/vllm_bench.py [--quick] [--shape small|8b-heads] [--out vllm_bench.json]
 
-A 4-layer Llama, hidden 256 (4 heads of 64, 2 KV heads), random weights, float32, eager; prefix caching off. Rows: 8
+A 4-layer Llama, hidden 256 (4 heads of 64, 2 KV heads; ``--shape 8b-heads``: hidden 1024 with a Llama-8B's 32
+heads and 8 KV heads of 128), random weights, float32, eager; prefix caching off. Rows: 8
 prompts of 2k tokens, and one prompt of 16k tokens; paths: plain vLLM (the checkpoint without config.swaa), the
 recommended config scaled down (window 256, sink 4, interleave 2, FA decode) and every layer SWA (window 256, sink
 4, no FA decode: every query reads 260 keys at most). Prefill: prompt tokens per second of a generate of one token;
@@ -27,15 +28,21 @@ PATHS = {"plain vLLM": None, "recommended": dict(window=256, sink=4, interleave=
          "every layer SWA": dict(window=256, sink=4, full_attention_layers=[], fa_decode=False)}
 
 
-def build(folder: Path, swaa_config: dict | None) -> str:
+SHAPES = {  # --shape: the default, and attention heads of a Llama-8B-class model (32/8 heads of 128) on a small body
+    "small": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64),
+    "8b-heads": dict(hidden_size=1024, intermediate_size=2048, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128),
+}
+
+
+def build(folder: Path, swaa_config: dict | None, shape: str = "small") -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import swaa
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                                         num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, num_hidden_layers=4, **SHAPES[shape],
                                          max_position_embeddings=32768, bos_token_id=None, eos_token_id=None,
                                          pad_token_id=0, tie_word_embeddings=False))
     if swaa_config is not None:
@@ -88,6 +95,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--new", type=int, default=65, help="tokens generated per prompt for the decode figure")
     parser.add_argument("--rows", nargs="+", default=None, help="rows as PROMPTSxLENGTH, e.g. 8x2048 1x16384")
+    parser.add_argument("--shape", choices=list(SHAPES), default="small", help="the model's width and heads")
     parser.add_argument("--out", default="vllm_bench.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -95,9 +103,9 @@ def main() -> None:
         print("vllm_bench result: " + json.dumps(run_one(json.loads(args.one))), flush=True)
         return
     rows = args.rows or (["2x1024", "1x4096"] if args.quick else ["8x2048", "1x16384"])
-    results = {"rows": {}, "new": args.new, "threads": os.cpu_count()}
+    results = {"rows": {}, "new": args.new, "threads": os.cpu_count(), "shape": SHAPES[args.shape]}
     with tempfile.TemporaryDirectory() as folder:
-        models = {name: build(Path(folder) / str(index), config) for index, (name, config) in enumerate(PATHS.items())}
+        models = {name: build(Path(folder) / str(index), config, args.shape) for index, (name, config) in enumerate(PATHS.items())}
         for row in rows:
             prompts, length = (int(x) for x in row.split("x"))
             for name, model in models.items():
